@@ -1,0 +1,146 @@
+"""Configuration: one TOML file plus environment overrides, validated once at start.
+
+Environment variables ``SECUREBROKER_<SECTION>__<KEY>`` override the file, e.g.
+``SECUREBROKER_DATABASE__DSN`` or ``SECUREBROKER_BROKER__DEFAULT_MAX_ATTEMPTS=5``. Any error is
+reported as one line naming the offending key (``ConfigError``); values are never echoed,
+since a DSN may hold a password.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from securebroker.core.broker import CoreSettings
+from securebroker.core.model import SubscriptionSettings
+from securebroker.errors import ConfigError
+
+ENV_PREFIX = "SECUREBROKER_"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class DatabaseConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dsn: str = ""
+    pool_min: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 16
+
+
+class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    idempotency_retention_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] = 7.0
+    default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    default_lease_seconds: Annotated[float, msgspec.Meta(ge=1, le=43200)] = 30.0
+    backoff_base_ms: Positive = 1000
+    backoff_max_ms: Positive = 300_000
+    sweep_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 1000
+    cleanup_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 5000
+    #: file holding the secret that keys idempotency fingerprints (32 random bytes, hex)
+    fingerprint_key_file: str = ""
+
+
+class ListenerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 7878
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    crl: str = ""
+    min_tls: Literal["1.2", "1.3"] = "1.3"
+    handshake_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 10_000
+    idle_timeout_ms: Annotated[int, msgspec.Meta(ge=1000, le=86_400_000)] = 300_000
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    max_connections_per_identity: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
+
+
+class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = False
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    listener: ListenerConfig = msgspec.field(default_factory=ListenerConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def core_settings(self) -> CoreSettings:
+        b = self.broker
+        return CoreSettings(
+            idempotency_retention=timedelta(days=b.idempotency_retention_days),
+            default_subscription=SubscriptionSettings(
+                max_attempts=b.default_max_attempts,
+                lease=timedelta(seconds=b.default_lease_seconds),
+                backoff_base=timedelta(milliseconds=b.backoff_base_ms),
+                backoff_max=timedelta(milliseconds=b.backoff_max_ms),
+            ),
+        )
+
+    def validate(self) -> Config:
+        if not self.database.dsn:
+            raise ConfigError("database.dsn: required (a postgresql:// URI)")
+        if not self.database.dsn.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("database.dsn: must be a postgresql:// URI")
+        if self.database.pool_min > self.database.pool_max:
+            raise ConfigError("database.pool_min: must not exceed database.pool_max")
+        if self.broker.backoff_base_ms > self.broker.backoff_max_ms:
+            raise ConfigError("broker.backoff_base_ms: must not exceed broker.backoff_max_ms")
+        return self
+
+
+_PATH = re.compile(r"`\$\.([^`]+)`")
+
+
+def _key_of(message: str) -> str:
+    m = _PATH.search(message)
+    return m.group(1) if m else "(top level)"
+
+
+def _explain(exc: msgspec.ValidationError) -> ConfigError:
+    text = str(exc)
+    key = _key_of(text)
+    reason = text.split(" - at ", maxsplit=1)[0]
+    if reason.startswith("Object contains unknown field"):
+        field = reason.split("`")[1] if "`" in reason else "?"
+        key = f"{key}.{field}" if key != "(top level)" else field
+        return ConfigError(f"{key}: unknown setting")
+    return ConfigError(f"{key}: {reason}")
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section and key:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (may be None), apply environment overrides, validate; or ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in env_overrides(os.environ if environ is None else environ).items():
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table")
+        target.update(values)
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc) from None
+    return cfg.validate()

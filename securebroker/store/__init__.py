@@ -1,0 +1,1 @@
+"""Store adapters behind ``securebroker.core.ports.Store``."""

@@ -1,0 +1,541 @@
+"""The PostgreSQL store on asyncpg: every port method is one transaction.
+
+Batch forms pass arrays to ``unnest`` so a batch of any size costs a fixed number of round
+trips. Commits use ``synchronous_commit = on``: when a method returns, the change is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+from securebroker.core.model import (
+    CleanupResult,
+    DeadLetter,
+    DeadReason,
+    Delivery,
+    DeliveryState,
+    NackRef,
+    PreparedMessage,
+    PublishResult,
+    SettleRef,
+    SubscriptionCounts,
+    SubscriptionInfo,
+    SubscriptionSettings,
+    SweepResult,
+    TopicInfo,
+)
+from securebroker.core.ports import RetryPolicy
+from securebroker.errors import (
+    AlreadyExists,
+    BrokerError,
+    IdempotencyConflict,
+    NotEmpty,
+    StaleLease,
+    SubscriptionNotFound,
+    TopicNotFound,
+    Unavailable,
+)
+from securebroker.store.memory import STALE
+from securebroker.store.sql import QUERIES as Q
+
+#: how long a name -> id lookup is trusted before it is read again (other broker processes
+#: may delete and recreate topics and subscriptions).
+NAME_TTL = 5.0
+
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+
+async def _init_connection(conn: Conn) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda v: _json_encode(v).decode(),
+        decoder=_json_decode,
+        format="text",
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings={
+                "timezone": "UTC",
+                "synchronous_commit": "on",
+                "application_name": "securebroker",
+            },
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise Unavailable(f"cannot connect to PostgreSQL: {exc.__class__.__name__}") from exc
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True, slots=True)
+class _SubRow:
+    id: int
+    name: str
+    topic_id: int
+    topic: str
+    settings: SubscriptionSettings
+    created_at: datetime
+
+
+def _sub_row(r: asyncpg.Record) -> _SubRow:
+    return _SubRow(
+        id=r["id"],
+        name=r["name"],
+        topic_id=r["topic_id"],
+        topic=r["topic"],
+        settings=SubscriptionSettings(
+            max_attempts=r["max_attempts"],
+            lease=timedelta(milliseconds=r["lease_ms"]),
+            backoff_base=timedelta(milliseconds=r["backoff_base_ms"]),
+            backoff_max=timedelta(milliseconds=r["backoff_max_ms"]),
+        ),
+        created_at=r["created_at"],
+    )
+
+
+def _ms(d: timedelta) -> int:
+    return int(d.total_seconds() * 1000)
+
+
+def ordering_lock_key(topic_id: int, ordering_key: str) -> int:
+    digest = hashlib.blake2b(f"{topic_id}\x00{ordering_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._topics: dict[str, tuple[int, float]] = {}
+        self._subs: dict[str, tuple[_SubRow, float]] = {}
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PostgresStore:
+        return cls(await create_pool(dsn, min_size=min_size, max_size=max_size))
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- name resolution -----------------------------------------------------------------------
+    async def _topic_id(self, conn: Conn, name: str) -> int:
+        hit = self._topics.get(name)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        row = await conn.fetchrow(Q["topic_get"], name)
+        if row is None:
+            self._topics.pop(name, None)
+            raise TopicNotFound(f"topic {name!r} does not exist")
+        self._topics[name] = (row["id"], time.monotonic() + NAME_TTL)
+        return int(row["id"])
+
+    async def _sub(self, conn: Conn, name: str) -> _SubRow:
+        hit = self._subs.get(name)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        row = await conn.fetchrow(Q["sub_get"], name)
+        if row is None:
+            self._subs.pop(name, None)
+            raise SubscriptionNotFound(f"subscription {name!r} does not exist")
+        sub = _sub_row(row)
+        self._subs[name] = (sub, time.monotonic() + NAME_TTL)
+        return sub
+
+    async def _sub_or_error(self, conn: Conn, name: str) -> _SubRow | BrokerError:
+        try:
+            return await self._sub(conn, name)
+        except SubscriptionNotFound as exc:
+            return exc
+
+    # -- topics and subscriptions ------------------------------------------------------------
+    async def create_topic(self, name: str, now: datetime) -> TopicInfo:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(Q["topic_create"], name, now)
+        if row is None:
+            raise AlreadyExists(f"topic {name!r} already exists")
+        return TopicInfo(row["name"], row["created_at"])
+
+    async def get_topic(self, name: str) -> TopicInfo:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(Q["topic_get"], name)
+        if row is None:
+            raise TopicNotFound(f"topic {name!r} does not exist")
+        return TopicInfo(row["name"], row["created_at"], tuple(row["subs"]))
+
+    async def list_topics(self) -> list[TopicInfo]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(Q["topic_list"])
+        return [TopicInfo(r["name"], r["created_at"], tuple(r["subs"])) for r in rows]
+
+    async def delete_topic(self, name: str, *, force: bool) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q["topic_get"], name)
+            if row is None:
+                raise TopicNotFound(f"topic {name!r} does not exist")
+            if row["subs"] and not force:
+                raise NotEmpty(f"topic {name!r} has subscriptions; delete them or use force")
+            for sub in row["subs"]:
+                srow = await conn.fetchrow(Q["sub_get"], sub)
+                assert srow is not None
+                await conn.execute(Q["sub_delete_deliveries"], srow["id"])
+                await conn.execute(Q["sub_delete"], srow["id"])
+                self._subs.pop(sub, None)
+            await conn.execute(Q["topic_delete_messages"], row["id"])
+            await conn.execute(Q["topic_delete_idempotency"], row["id"])
+            await conn.execute(Q["topic_delete"], row["id"])
+        self._topics.pop(name, None)
+
+    async def create_subscription(
+        self, name: str, topic: str, settings: SubscriptionSettings, now: datetime
+    ) -> SubscriptionInfo:
+        async with self.pool.acquire() as conn, conn.transaction():
+            trow = await conn.fetchrow(Q["topic_get"], topic)
+            if trow is None:
+                raise TopicNotFound(f"topic {topic!r} does not exist")
+            sid = await conn.fetchval(
+                Q["sub_create"],
+                name,
+                trow["id"],
+                settings.max_attempts,
+                _ms(settings.lease),
+                _ms(settings.backoff_base),
+                _ms(settings.backoff_max),
+                now,
+            )
+        if sid is None:
+            raise AlreadyExists(f"subscription {name!r} already exists")
+        return SubscriptionInfo(name, topic, settings, now, SubscriptionCounts())
+
+    async def get_subscription(self, name: str, now: datetime) -> SubscriptionInfo:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(Q["sub_get"], name)
+            if row is None:
+                raise SubscriptionNotFound(f"subscription {name!r} does not exist")
+            c = await conn.fetchrow(Q["sub_counts"], row["id"], now)
+        assert c is not None
+        s = _sub_row(row)
+        counts = SubscriptionCounts(c["ready"], c["delayed"], c["leased"], c["dead"])
+        return SubscriptionInfo(s.name, s.topic, s.settings, s.created_at, counts)
+
+    async def list_subscriptions(self, topic: str | None) -> list[SubscriptionInfo]:
+        async with self.pool.acquire() as conn:
+            if topic is not None and await conn.fetchrow(Q["topic_get"], topic) is None:
+                raise TopicNotFound(f"topic {topic!r} does not exist")
+            rows = await conn.fetch(Q["sub_list"], topic)
+        subs = [_sub_row(r) for r in rows]
+        return [SubscriptionInfo(s.name, s.topic, s.settings, s.created_at) for s in subs]
+
+    async def delete_subscription(self, name: str, *, force: bool) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q["sub_get"], name)
+            if row is None:
+                raise SubscriptionNotFound(f"subscription {name!r} does not exist")
+            held = await conn.fetchval(Q["sub_has_deliveries"], row["id"])
+            if held and not force:
+                raise NotEmpty(f"subscription {name!r} still holds {held} messages; use force")
+            await conn.execute(Q["sub_delete_deliveries"], row["id"])
+            await conn.execute(Q["sub_delete"], row["id"])
+        self._subs.pop(name, None)
+
+    # -- publish -------------------------------------------------------------------------------
+    async def publish(
+        self, messages: Sequence[PreparedMessage], retention: timedelta
+    ) -> list[PublishResult]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self.publish_in(conn, messages, retention)
+
+    async def publish_in(
+        self, conn: Conn, messages: Sequence[PreparedMessage], retention: timedelta
+    ) -> list[PublishResult]:
+        """Publish inside the caller's transaction (used by group commit and atomic settle)."""
+        topic_ids = [await self._topic_id(conn, m.topic) for m in messages]
+        results: list[PublishResult | None] = [None] * len(messages)
+        fresh = [m.idempotency_key is None for m in messages]
+
+        keyed: dict[tuple[int, str, str], int] = {}
+        alias: dict[int, int] = {}  # in-batch repeat of a key -> index of its first use
+        for i, m in enumerate(messages):
+            if m.idempotency_key is None:
+                continue
+            k = (topic_ids[i], m.producer_scope, m.idempotency_key)
+            first = keyed.setdefault(k, i)
+            if first != i:
+                if messages[first].fingerprint != m.fingerprint:
+                    raise _conflict(m)
+                alias[i] = first
+        if keyed:
+            order = sorted(keyed)
+            claimed = await conn.fetch(
+                Q["idem_claim"],
+                [k[0] for k in order],
+                [k[1] for k in order],
+                [k[2] for k in order],
+                [messages[keyed[k]].id for k in order],
+                [messages[keyed[k]].fingerprint for k in order],
+                [messages[keyed[k]].published_at for k in order],
+            )
+            won = {r["message_id"] for r in claimed}
+            lost = [k for k in order if messages[keyed[k]].id not in won]
+            for k in order:
+                fresh[keyed[k]] = messages[keyed[k]].id in won
+            if lost:
+                prior = await conn.fetch(
+                    Q["idem_existing"],
+                    [k[0] for k in lost],
+                    [k[1] for k in lost],
+                    [k[2] for k in lost],
+                )
+                for row in prior:
+                    i = keyed[(row["topic_id"], row["producer_scope"], row["key"])]
+                    m = messages[i]
+                    if row["created_at"] <= m.published_at - retention:
+                        await conn.execute(
+                            Q["idem_renew"],
+                            row["topic_id"],
+                            row["producer_scope"],
+                            row["key"],
+                            m.id,
+                            m.fingerprint,
+                            m.published_at,
+                        )
+                        fresh[i] = True
+                    elif row["fingerprint"] != m.fingerprint:
+                        raise _conflict(m)
+                    else:
+                        results[i] = PublishResult(row["message_id"], duplicate=True)
+
+        new = [(i, m) for i, m in enumerate(messages) if fresh[i] and i not in alias]
+        if new:
+            locks = sorted(
+                {
+                    ordering_lock_key(topic_ids[i], m.ordering_key)
+                    for i, m in new
+                    if m.ordering_key is not None
+                }
+            )
+            if locks:
+                await conn.fetchval(Q["ordering_lock"], locks)
+            await conn.execute(
+                Q["publish"],
+                [m.id for _, m in new],
+                [topic_ids[i] for i, _ in new],
+                [m.payload for _, m in new],
+                [m.attributes for _, m in new],
+                [m.content_type for _, m in new],
+                [m.idempotency_key for _, m in new],
+                [m.ordering_key for _, m in new],
+                [m.producer for _, m in new],
+                [m.not_before for _, m in new],
+                [m.expires_at for _, m in new],
+                [m.trace_context for _, m in new],
+                [m.published_at for _, m in new],
+            )
+            for i, m in new:
+                results[i] = PublishResult(m.id)
+        for j, i in alias.items():
+            origin = results[i]
+            assert origin is not None
+            results[j] = PublishResult(origin.message_id, duplicate=True)
+        out: list[PublishResult] = []
+        for r in results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    # -- consume -------------------------------------------------------------------------------
+    async def lease(
+        self,
+        subscription: str,
+        max_count: int,
+        lease_for: timedelta | None,
+        consumer: str,
+        now: datetime,
+    ) -> list[Delivery]:
+        async with self.pool.acquire() as conn:
+            sub = await self._sub(conn, subscription)
+            until = now + (lease_for or sub.settings.lease)
+            rows = await conn.fetch(
+                Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+            )
+        return [
+            Delivery(
+                subscription=subscription,
+                topic=r["topic"],
+                message_id=r["message_id"],
+                lease_token=r["lease_token"],
+                lease_expires_at=until,
+                attempt=r["attempts"],
+                payload=r["payload"],
+                attributes=r["attributes"],
+                content_type=r["content_type"],
+                idempotency_key=r["idempotency_key"],
+                ordering_key=r["ordering_key"],
+                published_at=r["published_at"],
+                producer=r["producer"],
+                trace_context=r["trace_context"],
+            )
+            for r in rows
+        ]
+
+    async def _resolve_refs(
+        self, conn: Conn, refs: Sequence[SettleRef | NackRef]
+    ) -> tuple[list[BrokerError | None], list[tuple[int, _SubRow]]]:
+        results: list[BrokerError | None] = [None] * len(refs)
+        todo: list[tuple[int, _SubRow]] = []
+        seen: set[tuple[uuid.UUID, str]] = set()
+        for i, ref in enumerate(refs):
+            sub = await self._sub_or_error(conn, ref.subscription)
+            if isinstance(sub, BrokerError):
+                results[i] = sub
+            elif (ref.message_id, ref.subscription) in seen:
+                results[i] = StaleLease(STALE)
+            else:
+                seen.add((ref.message_id, ref.subscription))
+                todo.append((i, sub))
+        return results, todo
+
+    async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self.ack_in(conn, refs)
+
+    async def ack_in(self, conn: Conn, refs: Sequence[SettleRef]) -> list[BrokerError | None]:
+        results, todo = await self._resolve_refs(conn, refs)
+        if todo:
+            done = await conn.fetch(
+                Q["ack"],
+                [refs[i].message_id for i, _ in todo],
+                [s.id for _, s in todo],
+                [refs[i].lease_token for i, _ in todo],
+            )
+            ok = {(r["message_id"], r["subscription_id"]) for r in done}
+            for i, s in todo:
+                if (refs[i].message_id, s.id) not in ok:
+                    results[i] = StaleLease(STALE)
+        return results
+
+    async def nack(
+        self, refs: Sequence[NackRef], now: datetime, policy: RetryPolicy
+    ) -> list[BrokerError | None]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            results, todo = await self._resolve_refs(conn, refs)
+            if not todo:
+                return results
+            locked = await conn.fetch(
+                Q["nack_lock"],
+                [refs[i].message_id for i, _ in todo],
+                [s.id for _, s in todo],
+                [refs[i].lease_token for i, _ in todo],
+            )
+            attempts = {(r["message_id"], r["subscription_id"]): r["attempts"] for r in locked}
+            cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+            for i, sub in todo:
+                ref = refs[i]
+                n = attempts.get((ref.message_id, sub.id))
+                if n is None:
+                    results[i] = StaleLease(STALE)
+                    continue
+                if n >= sub.settings.max_attempts:
+                    state, at, reason = DeliveryState.DEAD, now, DeadReason.MAX_ATTEMPTS.value
+                else:
+                    delay = ref.delay if ref.delay is not None else policy.delay(n, sub.settings)
+                    state, at, reason = DeliveryState.READY, now + delay, None
+                for col, v in zip(
+                    cols, (ref.message_id, sub.id, int(state), at, ref.error, reason), strict=True
+                ):
+                    col.append(v)
+            if cols[0]:
+                await conn.execute(Q["nack_apply"], *cols, now)
+            return results
+
+    async def extend(self, ref: SettleRef, lease_for: timedelta, now: datetime) -> datetime:
+        async with self.pool.acquire() as conn:
+            sub = await self._sub(conn, ref.subscription)
+            until: datetime | None = await conn.fetchval(
+                Q["extend"], ref.message_id, sub.id, ref.lease_token, now + lease_for
+            )
+        if until is None:
+            raise StaleLease(STALE)
+        return until
+
+    # -- maintenance ---------------------------------------------------------------------------
+    async def sweep(self, now: datetime, limit: int) -> SweepResult:
+        async with self.pool.acquire() as conn, conn.transaction():
+            expired = await conn.fetch(Q["sweep_expired"], now, limit)
+            exhausted = await conn.fetch(Q["sweep_exhausted"], now, limit)
+        return SweepResult(len(expired), len(exhausted))
+
+    async def cleanup(
+        self, now: datetime, idempotency_retention: timedelta, grace: timedelta, limit: int
+    ) -> CleanupResult:
+        async with self.pool.acquire() as conn:
+            msgs = await conn.execute(Q["cleanup_messages"], now - grace, limit)
+            keys = await conn.execute(Q["cleanup_idempotency"], now - idempotency_retention, limit)
+        return CleanupResult(_count(msgs), _count(keys))
+
+    # -- dead letters and purge ----------------------------------------------------------------
+    async def list_dead(
+        self, subscription: str, limit: int, after: uuid.UUID | None
+    ) -> list[DeadLetter]:
+        async with self.pool.acquire() as conn:
+            sub = await self._sub(conn, subscription)
+            rows = await conn.fetch(Q["dead_list"], sub.id, after, limit)
+        return [
+            DeadLetter(
+                subscription=subscription,
+                topic=r["topic"],
+                message_id=r["message_id"],
+                idempotency_key=r["idempotency_key"],
+                attempts=r["attempts"],
+                reason=r["dead_reason"],
+                last_error=r["last_error"],
+                dead_at=r["dead_at"],
+                published_at=r["published_at"],
+                history=tuple(r["history"]),
+            )
+            for r in rows
+        ]
+
+    async def redrive(
+        self, subscription: str, message_ids: Sequence[uuid.UUID] | None, now: datetime
+    ) -> int:
+        async with self.pool.acquire() as conn:
+            sub = await self._sub(conn, subscription)
+            ids = None if message_ids is None else list(message_ids)
+            return _count(await conn.execute(Q["redrive"], sub.id, ids, now))
+
+    async def purge(self, subscription: str, *, dead: bool) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            sub = await self._sub(conn, subscription)
+            rows = await conn.fetch(Q["purge"], sub.id, dead)
+            if rows:
+                await conn.execute(Q["orphans_delete"], [r["message_id"] for r in rows])
+        return len(rows)
+
+
+def _conflict(m: PreparedMessage) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {m.idempotency_key!r} was used for a different message"
+    )
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command tag such as ``DELETE 42``."""
+    return int(status.rsplit(" ", 1)[-1])

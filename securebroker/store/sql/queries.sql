@@ -1,0 +1,277 @@
+-- Named queries for the PostgreSQL store, parsed once at import (securebroker/store/sql/__init__.py).
+-- Every value arrives as a bind parameter; nothing here is ever formatted with input.
+-- Times ($now and friends) come from the broker's injected clock, not now(), so leases and
+-- expiry are testable without sleeping and identical across the store adapters.
+
+-- name: topic_create
+INSERT INTO sb_topics (name, created_at) VALUES ($1, $2)
+ON CONFLICT (name) DO NOTHING
+RETURNING id, name, created_at;
+
+-- name: topic_get
+SELECT t.id, t.name, t.created_at,
+       coalesce(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.name IS NOT NULL), '{}') AS subs
+FROM sb_topics t LEFT JOIN sb_subscriptions s ON s.topic_id = t.id
+WHERE t.name = $1
+GROUP BY t.id;
+
+-- name: topic_list
+SELECT t.id, t.name, t.created_at,
+       coalesce(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.name IS NOT NULL), '{}') AS subs
+FROM sb_topics t LEFT JOIN sb_subscriptions s ON s.topic_id = t.id
+GROUP BY t.id
+ORDER BY t.name;
+
+-- name: topic_delete_messages
+DELETE FROM sb_messages WHERE topic_id = $1;
+
+-- name: topic_delete_idempotency
+DELETE FROM sb_idempotency WHERE topic_id = $1;
+
+-- name: topic_delete
+DELETE FROM sb_topics WHERE id = $1;
+
+-- name: sub_create
+INSERT INTO sb_subscriptions
+    (name, topic_id, max_attempts, lease_ms, backoff_base_ms, backoff_max_ms, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (name) DO NOTHING
+RETURNING id;
+
+-- name: sub_get
+SELECT s.id, s.name, s.topic_id, t.name AS topic, s.max_attempts, s.lease_ms,
+       s.backoff_base_ms, s.backoff_max_ms, s.created_at
+FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
+WHERE s.name = $1;
+
+-- name: sub_list
+SELECT s.id, s.name, s.topic_id, t.name AS topic, s.max_attempts, s.lease_ms,
+       s.backoff_base_ms, s.backoff_max_ms, s.created_at
+FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
+WHERE $1::text IS NULL OR t.name = $1
+ORDER BY s.name;
+
+-- name: sub_counts
+SELECT count(*) FILTER (WHERE state = 0 AND available_at <= $2) AS ready,
+       count(*) FILTER (WHERE state = 0 AND available_at > $2) AS delayed,
+       count(*) FILTER (WHERE state = 1) AS leased,
+       count(*) FILTER (WHERE state = 2) AS dead
+FROM sb_deliveries WHERE subscription_id = $1;
+
+-- name: sub_has_deliveries
+SELECT count(*) FROM sb_deliveries WHERE subscription_id = $1;
+
+-- name: sub_delete_deliveries
+DELETE FROM sb_deliveries WHERE subscription_id = $1;
+
+-- name: sub_delete
+DELETE FROM sb_subscriptions WHERE id = $1;
+
+-- name: orphans_delete
+-- Messages left with no delivery after a subscription was deleted or purged.
+DELETE FROM sb_messages m
+WHERE m.id = ANY($1::uuid[])
+  AND NOT EXISTS (SELECT 1 FROM sb_deliveries d WHERE d.message_id = m.id);
+
+-- name: idem_claim
+-- Inputs sorted by key, so concurrent batches lock claims in one order (no deadlocks).
+-- A concurrent claim of the same key waits here for the other transaction, then conflicts.
+INSERT INTO sb_idempotency (topic_id, producer_scope, key, message_id, fingerprint, created_at)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                     $6::timestamptz[])
+ON CONFLICT DO NOTHING
+RETURNING message_id;
+
+-- name: idem_existing
+SELECT i.topic_id, i.producer_scope, i.key, i.message_id, i.fingerprint, i.created_at
+FROM sb_idempotency i
+JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS r (topic_id, producer_scope, key)
+  ON i.topic_id = r.topic_id AND i.producer_scope = r.producer_scope AND i.key = r.key
+ORDER BY i.topic_id, i.producer_scope, i.key
+FOR UPDATE OF i;
+
+-- name: idem_renew
+-- A claim older than the retention period is free again: it now names the new message.
+UPDATE sb_idempotency SET message_id = $4, fingerprint = $5, created_at = $6
+WHERE topic_id = $1 AND producer_scope = $2 AND key = $3;
+
+-- name: ordering_lock
+-- Serialises publishers of one ordering key so sequence order equals commit order for it.
+SELECT count(pg_advisory_xact_lock(k))
+FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS keys;
+
+-- name: publish
+-- One message row, fanned out (by reference) into one delivery row per subscription.
+WITH m AS (
+    INSERT INTO sb_messages (id, topic_id, payload, attributes, content_type, idempotency_key,
+                             ordering_key, producer, not_before, expires_at, trace_context,
+                             published_at)
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::jsonb[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::timestamptz[],
+                         $10::timestamptz[], $11::jsonb[], $12::timestamptz[])
+    RETURNING id, seq, topic_id, ordering_key, not_before, expires_at, published_at
+)
+INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, ordering_key, expires_at)
+SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key, m.expires_at
+FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
+
+-- name: lease
+-- Eligible: live, available, attempts left, not expired, and first of its ordering-key group.
+-- An expired lease is eligible again because leasing sets available_at to the lease expiry.
+WITH picked AS (
+    SELECT d.message_id
+    FROM sb_deliveries d
+    WHERE d.subscription_id = $1 AND d.state < 2 AND d.available_at <= $2
+      AND d.attempts < $3
+      AND (d.expires_at IS NULL OR d.expires_at > $2)
+      AND (d.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM sb_deliveries p
+            WHERE p.subscription_id = d.subscription_id AND p.ordering_key = d.ordering_key
+              AND p.state < 2 AND p.seq < d.seq))
+    ORDER BY d.available_at, d.seq
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE sb_deliveries d
+    SET state = 1, attempts = d.attempts + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = $5, available_at = $5, consumer = $6,
+        history = CASE WHEN d.state = 1 THEN d.history || jsonb_build_array(jsonb_build_object(
+                    'attempt', d.attempts, 'outcome', 'lease_expired',
+                    'at', d.lease_expires_at, 'consumer', d.consumer))
+                  ELSE d.history END
+    FROM picked
+    WHERE d.subscription_id = $1 AND d.message_id = picked.message_id
+    RETURNING d.message_id, d.lease_token, d.attempts, d.seq
+)
+SELECT l.message_id, l.lease_token, l.attempts, t.name AS topic, m.payload, m.attributes,
+       m.content_type, m.idempotency_key, m.ordering_key, m.producer, m.trace_context,
+       m.published_at
+FROM leased l
+JOIN sb_messages m ON m.id = l.message_id
+JOIN sb_topics t ON t.id = m.topic_id
+ORDER BY l.seq;
+
+-- name: ack
+-- Delete the deliveries the tokens still own; delete a message with its last delivery.
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[])
+        AS r (message_id, subscription_id, lease_token)
+), done AS (
+    DELETE FROM sb_deliveries d USING req
+    WHERE d.message_id = req.message_id AND d.subscription_id = req.subscription_id
+      AND d.state = 1 AND d.lease_token = req.lease_token
+    RETURNING d.message_id, d.subscription_id
+), gone AS (
+    DELETE FROM sb_messages m
+    WHERE m.id IN (SELECT message_id FROM done)
+      AND NOT EXISTS (
+        SELECT 1 FROM sb_deliveries o
+        WHERE o.message_id = m.id
+          AND NOT EXISTS (SELECT 1 FROM done x
+                          WHERE x.message_id = o.message_id
+                            AND x.subscription_id = o.subscription_id))
+)
+SELECT message_id, subscription_id FROM done;
+
+-- name: nack_lock
+SELECT d.message_id, d.subscription_id, d.attempts
+FROM sb_deliveries d
+JOIN unnest($1::uuid[], $2::bigint[], $3::uuid[]) AS r (message_id, subscription_id, lease_token)
+  ON d.message_id = r.message_id AND d.subscription_id = r.subscription_id
+WHERE d.state = 1 AND d.lease_token = r.lease_token
+ORDER BY d.message_id, d.subscription_id
+FOR UPDATE OF d;
+
+-- name: nack_apply
+UPDATE sb_deliveries d
+SET state = r.state, available_at = r.available_at, lease_token = NULL, lease_expires_at = NULL,
+    last_error = r.error, dead_reason = r.dead_reason,
+    dead_at = CASE WHEN r.state = 2 THEN $7::timestamptz END,
+    history = d.history || jsonb_build_array(jsonb_build_object(
+        'attempt', d.attempts, 'outcome', 'nacked', 'at', $7::timestamptz,
+        'consumer', d.consumer, 'error', r.error))
+FROM unnest($1::uuid[], $2::bigint[], $3::smallint[], $4::timestamptz[], $5::text[], $6::text[])
+    AS r (message_id, subscription_id, state, available_at, error, dead_reason)
+WHERE d.message_id = r.message_id AND d.subscription_id = r.subscription_id;
+
+-- name: extend
+UPDATE sb_deliveries SET lease_expires_at = $4, available_at = $4
+WHERE message_id = $1 AND subscription_id = $2 AND state = 1 AND lease_token = $3
+RETURNING lease_expires_at;
+
+-- name: sweep_expired
+WITH c AS (
+    SELECT message_id, subscription_id FROM sb_deliveries
+    WHERE state = 0 AND expires_at IS NOT NULL AND expires_at <= $1
+    ORDER BY expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sb_deliveries d
+SET state = 2, dead_reason = 'expired', dead_at = $1,
+    history = d.history || jsonb_build_array(jsonb_build_object(
+        'outcome', 'expired', 'at', $1::timestamptz))
+FROM c
+WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
+RETURNING d.message_id;
+
+-- name: sweep_exhausted
+WITH c AS (
+    SELECT d.message_id, d.subscription_id
+    FROM sb_deliveries d JOIN sb_subscriptions s ON s.id = d.subscription_id
+    WHERE d.state = 1 AND d.available_at <= $1 AND d.attempts >= s.max_attempts
+    ORDER BY d.available_at
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE sb_deliveries d
+SET state = 2, dead_reason = 'max_attempts', dead_at = $1, last_error = 'lease expired',
+    lease_token = NULL, lease_expires_at = NULL,
+    history = d.history || jsonb_build_array(jsonb_build_object(
+        'attempt', d.attempts, 'outcome', 'lease_expired',
+        'at', d.lease_expires_at, 'consumer', d.consumer))
+FROM c
+WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
+RETURNING d.message_id;
+
+-- name: cleanup_messages
+-- Settled messages a racing ack left behind, and messages published to a topic with no
+-- subscription; oldest first, bounded per call.
+DELETE FROM sb_messages WHERE id IN (
+    SELECT m.id FROM sb_messages m
+    WHERE m.published_at < $1
+      AND NOT EXISTS (SELECT 1 FROM sb_deliveries d WHERE d.message_id = m.id)
+    ORDER BY m.published_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: cleanup_idempotency
+DELETE FROM sb_idempotency WHERE ctid IN (
+    SELECT ctid FROM sb_idempotency WHERE created_at < $1 ORDER BY created_at LIMIT $2
+);
+
+-- name: dead_list
+SELECT d.message_id, t.name AS topic, m.idempotency_key, d.attempts, d.dead_reason,
+       d.last_error, d.dead_at, m.published_at, d.history
+FROM sb_deliveries d
+JOIN sb_messages m ON m.id = d.message_id
+JOIN sb_topics t ON t.id = m.topic_id
+WHERE d.subscription_id = $1 AND d.state = 2 AND ($2::uuid IS NULL OR d.message_id > $2)
+ORDER BY d.message_id
+LIMIT $3;
+
+-- name: redrive
+-- Back to ready with a fresh set of attempts; id, key, history and last error are kept.
+UPDATE sb_deliveries d
+SET state = 0, attempts = 0, available_at = $3, dead_reason = NULL, dead_at = NULL,
+    expires_at = NULL,
+    history = d.history || jsonb_build_array(jsonb_build_object(
+        'outcome', 'redriven', 'at', $3::timestamptz, 'attempts', d.attempts))
+WHERE d.subscription_id = $1 AND d.state = 2
+  AND ($2::uuid[] IS NULL OR d.message_id = ANY($2::uuid[]));
+
+-- name: purge
+DELETE FROM sb_deliveries
+WHERE subscription_id = $1 AND (state = 2) = $2
+RETURNING message_id;
