@@ -20,7 +20,8 @@ CREATE TABLE sb_subscriptions (
 CREATE INDEX sb_subscriptions_topic ON sb_subscriptions (topic_id);
 
 -- Publish order across all topics; also the order key for ordering-key groups.
-CREATE SEQUENCE sb_message_seq AS bigint CACHE 100;
+-- No CACHE: cached blocks per connection would hand out numbers out of commit order.
+CREATE SEQUENCE sb_message_seq AS bigint;
 
 -- One row per accepted message; referenced by one delivery row per subscription.
 -- No foreign keys on the hot tables: integrity is kept by the store's transactions, and an FK

@@ -105,7 +105,8 @@ def _key_of(message: str) -> str:
 def _explain(exc: msgspec.ValidationError) -> ConfigError:
     text = str(exc)
     key = _key_of(text)
-    reason = text.split(" - at ", maxsplit=1)[0]
+    # msgspec quotes rejected values of enum-like settings; a value may be a secret: drop it.
+    reason = re.sub(r"\s*'[^']*'", "", text.split(" - at ", maxsplit=1)[0])
     if reason.startswith("Object contains unknown field"):
         field = reason.split("`")[1] if "`" in reason else "?"
         key = f"{key}.{field}" if key != "(top level)" else field

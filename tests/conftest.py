@@ -28,6 +28,7 @@ from securebroker import embedded
 from securebroker.clock import ManualClock
 from securebroker.core.broker import Broker, CoreSettings
 from securebroker.core.ports import Store
+from securebroker.store.group import GroupCommitStore
 from securebroker.store.memory import MemoryStore
 from securebroker.store.migrate import migrate
 from securebroker.store.postgres import PostgresStore
@@ -112,14 +113,18 @@ def clock() -> ManualClock:
     return ManualClock(datetime.now(UTC).replace(microsecond=0))
 
 
-@pytest.fixture(params=["memory", "postgres"])
+@pytest.fixture(params=["memory", "postgres", "group"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """The same contract runs against the in-memory adapter and real PostgreSQL."""
+    """The same contract runs against the in-memory adapter, PostgreSQL, and PostgreSQL with
+    group commit."""
     if request.param == "memory":
         yield MemoryStore()
         return
     dsn = request.getfixturevalue("pg_dsn")
-    pg = await PostgresStore.connect(dsn, min_size=1, max_size=20)
+    if request.param == "group":
+        pg: PostgresStore = await GroupCommitStore.connect_group(dsn, min_size=1, max_size=20)
+    else:
+        pg = await PostgresStore.connect(dsn, min_size=1, max_size=20)
     try:
         yield pg
     finally:

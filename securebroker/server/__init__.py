@@ -1,0 +1,1 @@
+"""The running broker: front doors (listeners), authentication seam, admin operations."""

@@ -1,0 +1,203 @@
+"""Admin operations as plain data in, plain data out, for every front door.
+
+The native protocol's ADMIN frame, the CLI and (later) the HTTP API all call ``AdminService.call``
+with an operation name and a dict of arguments; results are JSON/MessagePack-safe values.
+Arguments are checked here with clear errors, since they come straight from the network.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from securebroker.core.broker import Broker
+from securebroker.core.model import DeadLetter, SubscriptionInfo, TopicInfo
+from securebroker.errors import ValidationError
+from securebroker.server.auth import Action, Authorizer, Principal
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def topic_dict(t: TopicInfo) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "created_at": t.created_at.isoformat(),
+        "subscriptions": list(t.subscriptions),
+    }
+
+
+def subscription_dict(s: SubscriptionInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": s.name,
+        "topic": s.topic,
+        "max_attempts": s.settings.max_attempts,
+        "lease_seconds": s.settings.lease.total_seconds(),
+        "backoff_base_seconds": s.settings.backoff_base.total_seconds(),
+        "backoff_max_seconds": s.settings.backoff_max.total_seconds(),
+        "created_at": s.created_at.isoformat(),
+    }
+    if s.counts is not None:
+        out["counts"] = {
+            "ready": s.counts.ready,
+            "delayed": s.counts.delayed,
+            "leased": s.counts.leased,
+            "dead": s.counts.dead,
+        }
+    return out
+
+
+def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
+    return {
+        "message_id": str(d.message_id),
+        "subscription": d.subscription,
+        "topic": d.topic,
+        "idempotency_key": d.idempotency_key,
+        "attempts": d.attempts,
+        "reason": d.reason,
+        "last_error": d.last_error,
+        "dead_at": d.dead_at.isoformat(),
+        "published_at": d.published_at.isoformat(),
+        "history": [dict(h) for h in d.history],
+    }
+
+
+def _str(args: Mapping[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"argument {key!r} is required and must be a string")
+    return value
+
+
+def _opt_int(args: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValidationError(f"argument {key!r} must be an integer from {lo} to {hi}")
+    return value
+
+
+def _opt_seconds(args: Mapping[str, Any], key: str) -> timedelta | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value <= 86_400 * 7:
+        raise ValidationError(f"argument {key!r} must be a number of seconds up to 7 days")
+    return timedelta(seconds=value)
+
+
+def _bool(args: Mapping[str, Any], key: str) -> bool:
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise ValidationError(f"argument {key!r} must be true or false")
+    return value
+
+
+def _ids(args: Mapping[str, Any], key: str) -> list[uuid.UUID] | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise ValidationError(f"argument {key!r} must be a list of up to 10000 message ids")
+    try:
+        return [uuid.UUID(v) for v in value]
+    except (TypeError, ValueError, AttributeError):
+        raise ValidationError(f"argument {key!r} holds an invalid message id") from None
+
+
+class AdminService:
+    def __init__(self, broker: Broker, authorizer: Authorizer) -> None:
+        self.broker = broker
+        self.authorizer = authorizer
+        self._ops: dict[str, tuple[Handler, str | None]] = {
+            "topic.create": (self._topic_create, "name"),
+            "topic.list": (self._topic_list, None),
+            "topic.get": (self._topic_get, "name"),
+            "topic.delete": (self._topic_delete, "name"),
+            "subscription.create": (self._sub_create, "topic"),
+            "subscription.list": (self._sub_list, None),
+            "subscription.get": (self._sub_get, None),
+            "subscription.delete": (self._sub_delete, None),
+            "subscription.purge": (self._sub_purge, None),
+            "dlq.list": (self._dlq_list, None),
+            "dlq.redrive": (self._dlq_redrive, None),
+            "dlq.purge": (self._dlq_purge, None),
+        }
+
+    @property
+    def operations(self) -> list[str]:
+        return sorted(self._ops)
+
+    async def call(self, principal: Principal, op: str, args: Mapping[str, Any]) -> Any:
+        entry = self._ops.get(op)
+        if entry is None:
+            raise ValidationError(f"unknown admin operation {op!r}")
+        handler, resource_arg = entry
+        resource = "*"
+        if resource_arg is not None:
+            resource = _str(args, resource_arg)
+        elif "name" in args and op.startswith(("subscription.", "dlq.")):
+            resource = await self._topic_of(_str(args, "name"))
+        self.authorizer.authorize(principal, Action.ADMIN, resource)
+        return await handler(args)
+
+    async def _topic_of(self, subscription: str) -> str:
+        return (await self.broker.get_subscription(subscription)).topic
+
+    async def _topic_create(self, args: Mapping[str, Any]) -> Any:
+        return topic_dict(await self.broker.create_topic(_str(args, "name")))
+
+    async def _topic_list(self, args: Mapping[str, Any]) -> Any:
+        return [topic_dict(t) for t in await self.broker.list_topics()]
+
+    async def _topic_get(self, args: Mapping[str, Any]) -> Any:
+        return topic_dict(await self.broker.get_topic(_str(args, "name")))
+
+    async def _topic_delete(self, args: Mapping[str, Any]) -> Any:
+        await self.broker.delete_topic(_str(args, "name"), force=_bool(args, "force"))
+        return {"deleted": args["name"]}
+
+    async def _sub_create(self, args: Mapping[str, Any]) -> Any:
+        info = await self.broker.create_subscription(
+            _str(args, "name"),
+            _str(args, "topic"),
+            max_attempts=_opt_int(args, "max_attempts", 1, 1000),
+            lease=_opt_seconds(args, "lease_seconds"),
+            backoff_base=_opt_seconds(args, "backoff_base_seconds"),
+            backoff_max=_opt_seconds(args, "backoff_max_seconds"),
+        )
+        return subscription_dict(info)
+
+    async def _sub_list(self, args: Mapping[str, Any]) -> Any:
+        topic = args.get("topic")
+        if topic is not None and not isinstance(topic, str):
+            raise ValidationError("argument 'topic' must be a string")
+        return [subscription_dict(s) for s in await self.broker.list_subscriptions(topic)]
+
+    async def _sub_get(self, args: Mapping[str, Any]) -> Any:
+        return subscription_dict(await self.broker.get_subscription(_str(args, "name")))
+
+    async def _sub_delete(self, args: Mapping[str, Any]) -> Any:
+        await self.broker.delete_subscription(_str(args, "name"), force=_bool(args, "force"))
+        return {"deleted": args["name"]}
+
+    async def _sub_purge(self, args: Mapping[str, Any]) -> Any:
+        return {"purged": await self.broker.purge(_str(args, "name"))}
+
+    async def _dlq_list(self, args: Mapping[str, Any]) -> Any:
+        after = _ids({"after": [args["after"]]} if args.get("after") else {}, "after")
+        letters = await self.broker.list_dead(
+            _str(args, "name"),
+            limit=_opt_int(args, "limit", 1, 10_000) or 100,
+            after=after[0] if after else None,
+        )
+        return [dead_letter_dict(d) for d in letters]
+
+    async def _dlq_redrive(self, args: Mapping[str, Any]) -> Any:
+        n = await self.broker.redrive(_str(args, "name"), _ids(args, "message_ids"))
+        return {"redriven": n}
+
+    async def _dlq_purge(self, args: Mapping[str, Any]) -> Any:
+        return {"purged": await self.broker.purge(_str(args, "name"), dead=True)}

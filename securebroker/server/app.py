@@ -1,0 +1,153 @@
+"""The broker process: store, core, front doors and maintenance, started and stopped as one.
+
+Startup order: connect to PostgreSQL → refuse an outdated schema → build the core → start the
+listeners → start maintenance. Shutdown (SIGTERM/SIGINT) runs it backwards: stop accepting,
+let connections finish in-flight commits (bounded by a grace period), stop maintenance, close
+the pool. A confirm is only ever sent after its commit, so stopping at any point loses nothing
+that was confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from securebroker.clock import Clock
+from securebroker.config import Config
+from securebroker.core.broker import Broker
+from securebroker.errors import ConfigError, Unavailable
+from securebroker.server.admin import AdminService
+from securebroker.server.auth import (
+    AllowAll,
+    Authenticator,
+    Authorizer,
+    CertificateAuthenticator,
+)
+from securebroker.server.native import ListenerSettings, NativeServer, Wakeups
+from securebroker.store.migrate import MigrationError, pending
+from securebroker.store.postgres import PostgresStore
+from securebroker.tls import server_context
+
+log = logging.getLogger("securebroker")
+
+
+@dataclass
+class Running:
+    broker: Broker
+    native: NativeServer
+    store: PostgresStore
+
+
+def listener_settings(config: Config) -> ListenerSettings:
+    lc = config.listener
+    for key in ("cert", "key", "ca"):
+        if not getattr(lc, key):
+            raise ConfigError(f"listener.{key}: required (mutual TLS is mandatory)")
+    ctx = server_context(
+        cert=Path(lc.cert),
+        key=Path(lc.key),
+        ca=Path(lc.ca),
+        crl=Path(lc.crl) if lc.crl else None,
+        min_version=lc.min_tls,
+    )
+    return ListenerSettings(
+        ssl_context=ctx,
+        host=lc.host,
+        port=lc.port,
+        handshake_timeout=lc.handshake_timeout_ms / 1000,
+        idle_timeout=lc.idle_timeout_ms / 1000,
+        max_connections=lc.max_connections,
+        max_connections_per_identity=lc.max_connections_per_identity,
+    )
+
+
+class BrokerApp:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        fingerprint_key: bytes,
+        clock: Clock | None = None,
+        authenticator: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
+    ) -> None:
+        self.config = config
+        self.fingerprint_key = fingerprint_key
+        self.clock = clock
+        self.authenticator = authenticator or CertificateAuthenticator()
+        self.authorizer = authorizer or AllowAll()
+        self.running: Running | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> Running:
+        settings = listener_settings(self.config)
+        db = self.config.database
+        store = await PostgresStore.connect(db.dsn, min_size=db.pool_min, max_size=db.pool_max)
+        try:
+            async with store.pool.acquire() as conn:
+                todo = await pending(conn)  # type: ignore[arg-type]
+            if todo:
+                raise MigrationError(
+                    f"database schema is behind ({', '.join(todo)} pending): "
+                    "run `securebroker migrate` first"
+                )
+            broker = Broker(
+                store,
+                fingerprint_key=self.fingerprint_key,
+                settings=self.config.core_settings(),
+                clock=self.clock,
+            )
+            native = NativeServer(
+                broker,
+                settings,
+                authenticator=self.authenticator,
+                authorizer=self.authorizer,
+                admin=AdminService(broker, self.authorizer),
+                wakeups=Wakeups(),
+            )
+            await native.start()
+        except BaseException:
+            await store.close()
+            raise
+        self.running = Running(broker, native, store)
+        self._maintenance = asyncio.ensure_future(self._maintain(broker))
+        log.info("native listener on %s:%d", settings.host, native.port)
+        return self.running
+
+    async def _maintain(self, broker: Broker) -> None:
+        """Dead-letter expired messages and exhausted leases; delete settled rows in batches."""
+        b = self.config.broker
+        loop = asyncio.get_running_loop()
+        next_cleanup = loop.time()
+        while not self._stop.is_set():
+            try:
+                while True:  # drain in bounded batches
+                    swept = await broker.sweep()
+                    if swept.expired + swept.exhausted == 0:
+                        break
+                if loop.time() >= next_cleanup:
+                    await broker.cleanup()
+                    next_cleanup = loop.time() + b.cleanup_interval_ms / 1000
+            except (Unavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("maintenance failed, will retry: %s", exc.__class__.__name__)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(b.sweep_interval_ms / 1000):
+                    await self._stop.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stop.set()
+        running, self.running = self.running, None
+        if running is not None:
+            await running.native.close(grace)
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        if running is not None:
+            await running.store.close()

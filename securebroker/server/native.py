@@ -1,0 +1,652 @@
+"""The native protocol's listener and connections (DESIGN §5.1, docs/protocol.md).
+
+Ownership at run time (who may touch what):
+
+- ``NativeServer`` owns the listening socket and the set of live ``Connection`` objects.
+- Each ``Connection`` is driven by one task (``run``): it reads bytes, feeds the sans-I/O
+  decoder and dispatches frames. Requests run as child tasks (pipelining; replies may leave out
+  of order, tagged with the request id), bounded by ``max_inflight`` so a fast client cannot
+  make the broker queue unbounded work: when the bound is reached the connection stops reading.
+- Each subscription on a connection is a ``Consumer`` task that leases messages while the
+  consumer has credit (unsettled deliveries < granted credit) and pushes DELIVER frames.
+- All writes go through ``Connection.send``, which coalesces frames produced in one loop turn
+  into one TLS write.
+
+TLS is started by the connection itself (TCP accept, then ``start_tls``) so that a failed
+handshake is seen here, with its reason, rather than swallowed by asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from securebroker.clock import from_ms, to_ms
+from securebroker.core.broker import Broker
+from securebroker.core.model import Delivery, NackRef, PublishRequest, SettleRef
+from securebroker.errors import (
+    BrokerError,
+    InternalError,
+    ProtocolError,
+    ResourceExhausted,
+    Unavailable,
+    ValidationError,
+)
+from securebroker.protocol import codec
+from securebroker.protocol import frames as f
+from securebroker.server.admin import AdminService
+from securebroker.server.auth import Action, Authenticator, Authorizer, Principal
+from securebroker.tls import PeerIdentity, identity_from_ssl_object
+
+log = logging.getLogger("securebroker.native")
+
+SERVER_NAME = "securebroker/0.1"
+MIN_POLL = 0.005
+MAX_POLL = 0.25
+RECEIVE_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    ssl_context: ssl.SSLContext
+    host: str = "127.0.0.1"
+    port: int = 7878
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    heartbeat: float = 30.0
+    max_connections: int = 1000
+    max_connections_per_identity: int = 100
+    max_inflight: int = 1024
+    limits: f.Limits = field(default_factory=f.Limits)
+
+
+class Wakeups:
+    """In-process wake-up signals: a publish here wakes this process's idle consumers at once.
+
+    Consumers in other broker processes find new messages by polling with backoff; this is a
+    latency shortcut, never a carrier of messages (no per-message LISTEN/NOTIFY).
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    def register(self, topic: str, event: asyncio.Event) -> None:
+        self._waiters[topic].add(event)
+
+    def unregister(self, topic: str, event: asyncio.Event) -> None:
+        self._waiters[topic].discard(event)
+
+    def notify(self, topic: str) -> None:
+        for event in self._waiters.get(topic, ()):
+            event.set()
+
+
+def _error_frame(exc: BrokerError) -> f.Error:
+    return f.Error(
+        code=exc.wire, name=exc.code[:64], message=exc.message[:1024], retryable=exc.retryable
+    )
+
+
+def to_request(item: f.PublishItem) -> PublishRequest:
+    return PublishRequest(
+        topic=item.topic,
+        payload=item.payload,
+        attributes=item.attributes,
+        content_type=item.content_type,
+        idempotency_key=item.idempotency_key,
+        ordering_key=item.ordering_key,
+        not_before=None if item.not_before_ms is None else from_ms(item.not_before_ms),
+        expires_at=None if item.expires_at_ms is None else from_ms(item.expires_at_ms),
+        trace_context=item.trace_context,
+    )
+
+
+def _uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationError(f"{what} is not a valid id") from None
+
+
+class NativeServer:
+    def __init__(
+        self,
+        broker: Broker,
+        settings: ListenerSettings,
+        *,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        admin: AdminService,
+        wakeups: Wakeups | None = None,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.admin = admin
+        self.wakeups = wakeups or Wakeups()
+        self.connections: set[Connection] = set()
+        self.per_identity: dict[str, int] = defaultdict(int)
+        self._server: asyncio.Server | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self.closing = False
+        #: handshake and connection-level failures, for the audit seam and tests
+        self.on_refused: Callable[[str, str], None] = lambda peer, reason: None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self.settings.host, self.settings.port, limit=2**16
+        )
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pending.add(task)
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self._pending.discard(task)
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer_address(writer)
+        if self.closing or len(self.connections) >= self.settings.max_connections:
+            self.on_refused(peer, "connection limit reached" if not self.closing else "closing")
+            await _abort(writer)
+            return
+        try:
+            await writer.start_tls(
+                self.settings.ssl_context, ssl_handshake_timeout=self.settings.handshake_timeout
+            )
+        except (ssl.SSLError, OSError, TimeoutError, asyncio.CancelledError) as exc:
+            self.on_refused(peer, f"tls handshake failed: {exc.__class__.__name__}: {exc}")
+            await _abort(writer)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        ssl_object = writer.get_extra_info("ssl_object")
+        try:
+            identity = identity_from_ssl_object(ssl_object)
+        except BrokerError as exc:
+            self.on_refused(peer, f"no usable client certificate: {exc}")
+            await _abort(writer)
+            return
+        if self.per_identity[identity.principal] >= self.settings.max_connections_per_identity:
+            self.on_refused(peer, f"per-identity connection limit for {identity.principal}")
+            writer.write(
+                codec.encode(
+                    _error_frame(ResourceExhausted("too many connections for this identity"))
+                )
+            )
+            await _abort(writer)
+            return
+        conn = Connection(self, reader, writer, identity, peer, next(self._ids))
+        self.connections.add(conn)
+        self.per_identity[identity.principal] += 1
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.per_identity[identity.principal] -= 1
+            if self.per_identity[identity.principal] <= 0:
+                del self.per_identity[identity.principal]
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, let connections finish in-flight commits, then close them."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self.connections)
+        for c in conns:
+            c.begin_close(1, "server shutting down")
+        if conns:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.closed.wait()) for c in conns], timeout=grace
+            )
+        for task in list(self._pending):
+            task.cancel()
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=grace)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def _peer_address(writer: asyncio.StreamWriter) -> str:
+    addr = writer.get_extra_info("peername")
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+async def _abort(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+class Consumer:
+    def __init__(
+        self,
+        conn: Connection,
+        consumer_id: int,
+        subscription: str,
+        topic: str,
+        credit: int,
+        lease: timedelta | None,
+    ) -> None:
+        self.conn = conn
+        self.id = consumer_id
+        self.subscription = subscription
+        self.topic = topic
+        self.window = credit
+        self.lease = lease
+        self.outstanding: dict[uuid.UUID, datetime] = {}
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def settled(self, message_id: uuid.UUID) -> None:
+        if self.outstanding.pop(message_id, None) is not None:
+            self.wake.set()
+
+    def _drop_expired(self, now: datetime) -> None:
+        for mid in [m for m, until in self.outstanding.items() if until <= now]:
+            del self.outstanding[mid]
+
+    async def run(self) -> None:
+        broker = self.conn.server.broker
+        wakeups = self.conn.server.wakeups
+        wakeups.register(self.topic, self.wake)
+        poll = MIN_POLL
+        try:
+            while True:
+                now = broker.clock.now()
+                self._drop_expired(now)
+                free = self.window - len(self.outstanding)
+                if free <= 0:
+                    await self._sleep(self._until_next_expiry(now))
+                    continue
+                self.wake.clear()
+                try:
+                    batch = await broker.receive(
+                        self.subscription,
+                        min(free, RECEIVE_BATCH),
+                        lease=self.lease,
+                        consumer=self.conn.principal_name,
+                    )
+                except BrokerError as exc:
+                    if not exc.retryable:
+                        self.conn.send(_error_frame(exc), self.conn.subscribe_request[self.id])
+                        self.conn.consumers.pop(self.id, None)
+                        return
+                    await self._sleep(MAX_POLL)
+                    continue
+                if batch:
+                    poll = MIN_POLL
+                    for d in batch:
+                        self.outstanding[d.message_id] = d.lease_expires_at
+                        self.conn.send(self._deliver(d))
+                    await self.conn.drain()
+                else:
+                    await self._sleep(poll)
+                    poll = min(poll * 2, MAX_POLL)
+        finally:
+            wakeups.unregister(self.topic, self.wake)
+
+    def _until_next_expiry(self, now: datetime) -> float:
+        if not self.outstanding:
+            return MAX_POLL
+        soonest = min(self.outstanding.values())
+        return max(0.0, min((soonest - now).total_seconds(), 1.0))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
+
+    def _deliver(self, d: Delivery) -> f.Deliver:
+        return f.Deliver(
+            consumer=self.id,
+            subscription=d.subscription,
+            topic=d.topic,
+            message_id=str(d.message_id),
+            lease_token=str(d.lease_token),
+            lease_expires_ms=to_ms(d.lease_expires_at),
+            attempt=d.attempt,
+            payload=d.payload,
+            attributes=dict(d.attributes),
+            content_type=d.content_type,
+            idempotency_key=d.idempotency_key,
+            ordering_key=d.ordering_key,
+            published_ms=to_ms(d.published_at),
+            trace_context=dict(d.trace_context),
+        )
+
+
+class Connection:
+    def __init__(
+        self,
+        server: NativeServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        identity: PeerIdentity,
+        peer: str,
+        number: int,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.identity = identity
+        self.peer = peer
+        self.session = f"{number:x}-{uuid.uuid4().hex[:8]}"
+        self.principal: Principal | None = None
+        self.decoder = codec.FrameDecoder(role="server", limits=server.settings.limits)
+        self.consumers: dict[int, Consumer] = {}
+        self.subscribe_request: dict[int, int] = {}
+        self._consumer_ids = itertools.count(1)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(server.settings.max_inflight)
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._closing = False
+        self.closed = asyncio.Event()
+
+    @property
+    def principal_name(self) -> str:
+        return self.principal.name if self.principal else self.identity.principal
+
+    # -- output ------------------------------------------------------------------------------
+    def send(self, frame: f.Frame, request_id: int = 0) -> None:
+        if self.writer.is_closing():
+            return
+        self._out.append(codec.encode(frame, request_id))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self.writer.is_closing():
+            self.writer.write(b"".join(self._out))
+        self._out.clear()
+
+    async def drain(self) -> None:
+        self._flush()
+        if not self.writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def begin_close(self, code: int, reason: str) -> None:
+        """Graceful close: stop consumers and reading; in-flight requests still finish."""
+        if self._closing:
+            return
+        self._closing = True
+        for c in self.consumers.values():
+            if c.task is not None:
+                c.task.cancel()
+        self.send(f.Close(code=code, reason=reason))
+        self.reader.feed_eof()
+
+    async def run(self) -> None:
+        settings = self.server.settings
+        try:
+            while not self._closing:
+                try:
+                    async with asyncio.timeout(settings.idle_timeout):
+                        data = await self.reader.read(65536)
+                except TimeoutError:
+                    self.send(f.Close(code=2, reason="idle timeout"))
+                    break
+                if not data:
+                    break
+                try:
+                    envelopes = self.decoder.feed(data)
+                except ProtocolError as exc:
+                    self.server.on_refused(self.peer, f"protocol error: {exc}")
+                    self.send(_error_frame(exc))
+                    break
+                for env in envelopes:
+                    if self._closing:
+                        break
+                    try:
+                        await self._dispatch(env)
+                    except ProtocolError as exc:
+                        self.server.on_refused(self.peer, f"protocol error: {exc}")
+                        self.send(_error_frame(exc), env.request_id)
+                        self._closing = True
+                        break
+        except (ConnectionError, ssl.SSLError) as exc:
+            log.debug("connection %s lost: %s", self.session, exc)
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for c in list(self.consumers.values()):
+            if c.task is not None:
+                c.task.cancel()
+        consumer_tasks = [c.task for c in self.consumers.values() if c.task is not None]
+        if consumer_tasks:
+            await asyncio.gather(*consumer_tasks, return_exceptions=True)
+        if self._inflight:  # finish in-flight commits so their confirms go out
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        self._flush()
+        await _abort(self.writer)
+        self.closed.set()
+
+    # -- dispatch --------------------------------------------------------------------------------
+    async def _dispatch(self, env: codec.Envelope) -> None:
+        frame, rid = env.frame, env.request_id
+        if self.principal is None:
+            if not isinstance(frame, f.Hello):
+                raise ProtocolError(f"expected HELLO first, got {frame.NAME}")
+            await self._hello(frame, rid)
+            return
+        match frame:
+            case f.Publish() | f.PublishBatch() | f.Ack() | f.Nack() | f.Extend() | f.Admin():
+                await self._spawn(self._request(frame, rid))
+            case f.Subscribe():
+                await self._subscribe(frame, rid)
+            case f.Credit():
+                c = self.consumers.get(frame.consumer)
+                if c is None:
+                    raise ProtocolError(f"CREDIT for unknown consumer {frame.consumer}")
+                if c.window + frame.credit > settings_max_credit(self):
+                    raise ProtocolError("CREDIT would exceed the maximum window")
+                c.window += frame.credit
+                c.wake.set()
+            case f.Unsubscribe():
+                c = self.consumers.pop(frame.consumer, None)
+                if c is not None and c.task is not None:
+                    c.task.cancel()
+                self.send(f.Ok(), rid)
+            case f.Ping():
+                self.send(f.Pong(), rid)
+            case f.Pong():
+                pass
+            case f.Auth():
+                await self._auth(frame.token, rid)
+            case f.Hello():
+                raise ProtocolError("HELLO sent twice")
+            case f.Close():
+                self.begin_close(0, "bye")
+            case _:
+                raise ProtocolError(f"unexpected {frame.NAME} frame")
+
+    async def _hello(self, frame: f.Hello, rid: int) -> None:
+        try:
+            self.principal = await self.server.authenticator.authenticate(
+                self.identity, frame.token
+            )
+        except BrokerError as exc:
+            self.server.on_refused(self.peer, f"authentication failed: {exc}")
+            self.send(_error_frame(exc), rid)
+            self._closing = True
+            return
+        s = self.server.settings
+        self.send(
+            f.Welcome(
+                version=f.PROTOCOL_VERSION,
+                server=SERVER_NAME,
+                session=self.session,
+                max_frame=s.limits.max_frame,
+                max_batch=s.limits.max_batch,
+                heartbeat_ms=int(s.heartbeat * 1000),
+                principal=self.principal.name[:1024],
+            ),
+            rid,
+        )
+
+    async def _auth(self, token: str, rid: int) -> None:
+        try:
+            self.principal = await self.server.authenticator.authenticate(self.identity, token)
+        except BrokerError as exc:
+            self.server.on_refused(self.peer, f"token refresh failed: {exc}")
+            self.send(_error_frame(exc), rid)
+            self._closing = True
+            return
+        self.send(f.Ok(), rid)
+
+    async def _spawn(self, work: Awaitable[None]) -> None:
+        await self._slots.acquire()
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _request(self, frame: f.Frame, rid: int) -> None:
+        try:
+            reply = await self._handle(frame)
+        except BrokerError as exc:
+            reply = _error_frame(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error handling %s", frame.NAME)
+            reply = _error_frame(InternalError("internal error"))
+        self.send(reply, rid)
+
+    def _authorize(self, action: Action, resource: str) -> None:
+        assert self.principal is not None
+        self.server.authorizer.authorize(self.principal, action, resource)
+
+    async def _handle(self, frame: f.Frame) -> f.Frame:
+        broker = self.server.broker
+        principal = self.principal
+        assert principal is not None
+        match frame:
+            case f.Publish(message=item):
+                self._authorize(Action.PUBLISH, item.topic)
+                res = await broker.publish(to_request(item), producer=principal.name)
+                self.server.wakeups.notify(item.topic)
+                return f.Confirm(
+                    results=[f.Confirmed(message_id=str(res.message_id), duplicate=res.duplicate)]
+                )
+            case f.PublishBatch(messages=items):
+                for topic in {i.topic for i in items}:
+                    self._authorize(Action.PUBLISH, topic)
+                results = await broker.publish_batch(
+                    [to_request(i) for i in items], producer=principal.name
+                )
+                for topic in {i.topic for i in items}:
+                    self.server.wakeups.notify(topic)
+                return f.Confirm(
+                    results=[
+                        f.Confirmed(message_id=str(r.message_id), duplicate=r.duplicate)
+                        for r in results
+                    ]
+                )
+            case f.Ack(items=items):
+                refs = [
+                    SettleRef(
+                        i.subscription,
+                        _uuid(i.message_id, "message_id"),
+                        _uuid(i.lease_token, "lease_token"),
+                    )
+                    for i in items
+                ]
+                return self._settled(refs, await broker.ack_batch(refs))
+            case f.Nack(items=items):
+                nrefs = [
+                    NackRef(
+                        i.subscription,
+                        _uuid(i.message_id, "message_id"),
+                        _uuid(i.lease_token, "lease_token"),
+                        i.error,
+                        None if i.delay_ms is None else timedelta(milliseconds=i.delay_ms),
+                    )
+                    for i in items
+                ]
+                return self._settled(nrefs, await broker.nack_batch(nrefs))
+            case f.Extend():
+                ref = SettleRef(
+                    frame.subscription,
+                    _uuid(frame.message_id, "message_id"),
+                    _uuid(frame.lease_token, "lease_token"),
+                )
+                until = await broker.extend(ref, timedelta(milliseconds=frame.lease_ms))
+                for c in self.consumers.values():
+                    if c.subscription == frame.subscription and ref.message_id in c.outstanding:
+                        c.outstanding[ref.message_id] = until
+                return f.Extended(lease_expires_ms=to_ms(until))
+            case f.Admin(op=op, args=args):
+                result: Any = await self.server.admin.call(principal, op, args)
+                return f.AdminResult(result=result)
+        raise ProtocolError(f"unexpected {frame.NAME} frame")
+
+    def _settled(
+        self, refs: Sequence[SettleRef | NackRef], results: list[BrokerError | None]
+    ) -> f.Settled:
+        out = []
+        for ref, err in zip(refs, results, strict=True):
+            for c in self.consumers.values():
+                if c.subscription == ref.subscription:
+                    c.settled(ref.message_id)
+            if err is None:
+                out.append(f.SettleResult(ok=True))
+            else:
+                out.append(
+                    f.SettleResult(ok=False, code=err.wire, name=err.code, message=err.message)
+                )
+        return f.Settled(results=out)
+
+    async def _subscribe(self, frame: f.Subscribe, rid: int) -> None:
+        try:
+            info = await self.server.broker.get_subscription(frame.subscription)
+            self._authorize(Action.CONSUME, info.topic)
+            lease = None if frame.lease_ms is None else timedelta(milliseconds=frame.lease_ms)
+            if lease is not None and not (timedelta(seconds=1) <= lease <= timedelta(hours=12)):
+                raise ValidationError("lease must be between 1 second and 12 hours")
+        except BrokerError as exc:
+            self.send(_error_frame(exc), rid)
+            return
+        cid = next(self._consumer_ids)
+        consumer = Consumer(self, cid, frame.subscription, info.topic, frame.credit, lease)
+        self.consumers[cid] = consumer
+        self.subscribe_request[cid] = rid
+        self.send(f.Subscribed(consumer=cid), rid)
+        consumer.task = asyncio.ensure_future(consumer.run())
+
+
+def settings_max_credit(conn: Connection) -> int:
+    return conn.server.settings.limits.max_credit
+
+
+__all__ = ["ListenerSettings", "NativeServer", "Unavailable", "Wakeups"]
