@@ -38,6 +38,7 @@ DEV_CERTS = Path("certs-dev")
 DEV_DATABASE = "securebroker"
 DEMO_TOPIC = "demo.orders"
 DEMO_SUBSCRIPTION = "demo.orders.worker"
+DEFAULT_PORT = 7878
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -101,7 +102,9 @@ def main() -> None:
 
 
 # -- running the broker -----------------------------------------------------------------------
-async def _serve_until_signal(config: Config, fingerprint_key: bytes, banner: str | None) -> None:
+async def _serve_until_signal(
+    config: Config, fingerprint_key: bytes, banner: Callable[[int], str] | None
+) -> None:
     from securebroker.server.app import BrokerApp  # noqa: PLC0415 - server-only imports
 
     app = BrokerApp(config, fingerprint_key=fingerprint_key)
@@ -111,7 +114,7 @@ async def _serve_until_signal(config: Config, fingerprint_key: bytes, banner: st
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if banner:
-        click.echo(banner.format(port=running.native.port))
+        click.echo(banner(running.native.port))
     try:
         await stop.wait()
     finally:
@@ -147,16 +150,17 @@ def migrate_cmd(config_path: Path | None, dsn: str | None) -> None:
 QUICKSTART = """
 securebroker is running (development mode).
 
-  native listener   127.0.0.1:{port}  (mutual TLS; dev CA and certificates in certs-dev/)
-  database          embedded PostgreSQL in .securebroker/pgdata
+  native listener   127.0.0.1:{port}  (mutual TLS; dev CA and certificates in {certs}/)
+  database          embedded PostgreSQL in {pgdata}
   demo              topic demo.orders -> subscription demo.orders.worker
 
 In a second terminal:
-  securebroker consume demo.orders.worker
+  securebroker consume demo.orders.worker{client}
 In a third:
-  securebroker publish demo.orders --data '{{"order": 42}}' -k order-42
+  securebroker publish demo.orders --data '{{"order": 42}}' -k order-42{client}
 
-More:  securebroker topics list | securebroker subscriptions list | securebroker dlq list NAME
+More:  securebroker topics list{admin} | securebroker subscriptions list{admin} |
+       securebroker dlq list NAME{admin}
 Stop with Ctrl-C.
 """
 
@@ -164,7 +168,7 @@ Stop with Ctrl-C.
 @main.command()
 @click.option("--home", type=click.Path(path_type=Path), default=DEV_HOME, show_default=True)
 @click.option("--certs", type=click.Path(path_type=Path), default=DEV_CERTS, show_default=True)
-@click.option("--port", type=int, default=7878, show_default=True)
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
 @friendly
 def dev(home: Path, certs: Path, port: int) -> None:
     """Everything for a newcomer: embedded PostgreSQL, dev PKI, migrations, listener."""
@@ -186,7 +190,32 @@ def dev(home: Path, certs: Path, port: int) -> None:
     )
     config.broker.fingerprint_key_file = str(key_file)
     fp_key = read_key(key_file, setting="broker.fingerprint_key_file")
-    _run(_dev_main(config, fp_key))
+    _run(_dev_main(config, fp_key, functools.partial(_quickstart, certs, home / "pgdata")))
+
+
+def _quickstart(certs: Path, pgdata: Path, port: int) -> str:
+    """The dev banner, naming the real port and paths (``--port 0``, ``--certs``, ``--home``).
+
+    The commands it suggests carry whatever options differ from the CLI's defaults, so they
+    work as printed.
+    """
+
+    def options(identity: str) -> str:
+        out = "" if port == DEFAULT_PORT else f" --port {port}"
+        if certs != DEV_CERTS:
+            out += (
+                f" --cert {certs / f'{identity}.pem'} --key {certs / f'{identity}.key'}"
+                f" --ca {certs / 'ca.pem'}"
+            )
+        return out
+
+    return QUICKSTART.format(
+        port=port,
+        certs=certs,
+        pgdata=pgdata,
+        client=options("dev-client"),
+        admin=options("dev-admin"),
+    )
 
 
 async def _ensure_database(admin_uri: str, dsn: str) -> str:
@@ -205,7 +234,7 @@ async def _ensure_database(admin_uri: str, dsn: str) -> str:
     return dsn
 
 
-async def _dev_main(config: Config, fp_key: bytes) -> None:
+async def _dev_main(config: Config, fp_key: bytes, banner: Callable[[int], str]) -> None:
     from securebroker.core.broker import Broker  # noqa: PLC0415
     from securebroker.errors import AlreadyExists  # noqa: PLC0415
     from securebroker.store.postgres import PostgresStore  # noqa: PLC0415
@@ -219,7 +248,7 @@ async def _dev_main(config: Config, fp_key: bytes) -> None:
             await broker.create_subscription(DEMO_SUBSCRIPTION, DEMO_TOPIC)
     finally:
         await store.close()
-    await _serve_until_signal(config, fp_key, QUICKSTART)
+    await _serve_until_signal(config, fp_key, banner)
 
 
 # -- client commands ----------------------------------------------------------------------------
@@ -241,7 +270,11 @@ def client_options(default_identity: str) -> Callable[[Callable[..., Any]], Call
                 "--host", default="127.0.0.1", envvar="SECUREBROKER_HOST", show_default=True
             ),
             click.option(
-                "--port", type=int, default=7878, envvar="SECUREBROKER_PORT", show_default=True
+                "--port",
+                type=int,
+                default=DEFAULT_PORT,
+                envvar="SECUREBROKER_PORT",
+                show_default=True,
             ),
             click.option(
                 "--cert",
@@ -570,6 +603,11 @@ def dlq_redrive(subscription: str, message_ids: tuple[str, ...], as_json: bool, 
 @friendly
 def dlq_purge(subscription: str, as_json: bool, **kw: Any) -> None:
     _admin("dlq.purge", {"name": subscription}, _target(kw, as_json), ["purged"])
+
+
+from securebroker.bench.command import bench as bench_command  # noqa: E402
+
+main.add_command(bench_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -188,7 +188,19 @@ class _Link:
         self.close_reason: str | None = None
 
     def send(self, frame: f.Frame, rid: int) -> None:
+        """Write one frame; raises ``Unavailable`` once the connection is lost or closing.
+
+        (Writing to a TLS transport that has already lost its connection raises an unrelated
+        ``AttributeError`` inside asyncio, so the state is checked first.)
+        """
+        if self.lost.is_set() or self.writer.is_closing():
+            raise Unavailable(f"connection lost{_reason(self)}")
         self.writer.write(codec.encode(frame, rid))
+
+    def send_quietly(self, frame: f.Frame, rid: int) -> None:
+        """``send`` for frames nobody waits on (PONG, heartbeat PING, CLOSE)."""
+        with contextlib.suppress(Unavailable):
+            self.send(frame, rid)
 
     def fail_all(self, exc: BaseException) -> None:
         for fut in self.pending.values():
@@ -284,7 +296,7 @@ class Client:
             link.close_reason = frame.reason
             return
         if isinstance(frame, f.Ping):
-            link.send(f.Pong(), env.request_id)
+            link.send_quietly(f.Pong(), env.request_id)
             return
         fut = link.pending.pop(env.request_id, None)
         if fut is not None and not fut.done():
@@ -307,17 +319,21 @@ class Client:
         except (ConnectionError, ssl.SSLError, ProtocolError, OSError) as exc:
             log.debug("link lost: %s", exc)
         finally:
+            # Detach before failing the pending requests: a request retried from its
+            # ``Unavailable`` must find no link (and wait for the next), not this dead one.
             link.lost.set()
-            link.fail_all(Unavailable(f"connection lost{_reason(link)}"))
-            await _close_writer(link.writer)
-            if self._link is link:
+            current = self._link is link
+            if current:
                 self._link = None
                 self._ready.clear()
+            link.fail_all(Unavailable(f"connection lost{_reason(link)}"))
+            if current:
                 if not self._closed and self._reconnect:
                     self._spawn(self._reconnect_loop())
                 elif not self._closed:
                     for sub in list(self._subscriptions):
                         sub.queue.put_nowait(Unavailable("connection lost"))
+            await _close_writer(link.writer)
 
     async def _heartbeat(self, link: _Link) -> None:
         assert link.welcome is not None
@@ -327,7 +343,7 @@ class Client:
                 async with asyncio.timeout(interval):
                     await link.lost.wait()
             if not link.lost.is_set():
-                link.send(f.Ping(), 0)
+                link.send_quietly(f.Ping(), 0)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -367,9 +383,9 @@ class Client:
     # -- requests ------------------------------------------------------------------------------
     def _send_on(self, link: _Link, frame: f.Frame) -> tuple[int, asyncio.Future[f.Frame]]:
         rid = next(link.ids) + 1  # 1 was the HELLO
+        link.send(frame, rid)  # raises Unavailable on a lost link, before anything is pending
         fut: asyncio.Future[f.Frame] = asyncio.get_running_loop().create_future()
         link.pending[rid] = fut
-        link.send(frame, rid)
         return rid, fut
 
     async def request(
@@ -395,7 +411,19 @@ class Client:
                 except TimeoutError:
                     raise Unavailable("not connected: gave up waiting to reconnect") from None
                 continue
-            rid, fut = self._send_on(link, frame)
+            try:
+                rid, fut = self._send_on(link, frame)
+            except Unavailable:
+                if not (retry and self._reconnect and loop.time() < deadline):
+                    raise
+                # The transport is gone but the reader has not noticed yet: wait until it
+                # detaches this link, then wait for the next one.
+                try:
+                    async with asyncio.timeout(max(deadline - loop.time(), 0)):
+                        await link.lost.wait()
+                except TimeoutError:
+                    raise Unavailable("not connected: gave up waiting to reconnect") from None
+                continue
             if isinstance(frame, f.Subscribe) and on_subscribe is not None:
                 link.subscribe_rids[rid] = on_subscribe
             try:
@@ -503,8 +531,7 @@ class Client:
         link = self._link
         self._link = None
         if link is not None:
-            with contextlib.suppress(Exception):
-                link.send(f.Close(code=0, reason="client closing"), 0)
+            link.send_quietly(f.Close(code=0, reason="client closing"), 0)
             await _close_writer(link.writer)
             link.lost.set()
         for task in list(self._tasks):

@@ -41,6 +41,9 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_max_ms: Positive = 300_000
     sweep_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 1000
     cleanup_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 5000
+    #: share transactions between concurrent publishes and acks (docs/adr/0005-group-commit.md)
+    group_commit: bool = True
+    group_committers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
     #: file holding the secret that keys idempotency fingerprints (32 random bytes, hex)
     fingerprint_key_file: str = ""
 

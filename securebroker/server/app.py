@@ -29,6 +29,7 @@ from securebroker.server.auth import (
     CertificateAuthenticator,
 )
 from securebroker.server.native import ListenerSettings, NativeServer, Wakeups
+from securebroker.store.group import GroupCommitStore
 from securebroker.store.migrate import MigrationError, pending
 from securebroker.store.postgres import PostgresStore
 from securebroker.tls import server_context
@@ -88,7 +89,14 @@ class BrokerApp:
     async def start(self) -> Running:
         settings = listener_settings(self.config)
         db = self.config.database
-        store = await PostgresStore.connect(db.dsn, min_size=db.pool_min, max_size=db.pool_max)
+        b = self.config.broker
+        store: PostgresStore
+        if b.group_commit:
+            store = await GroupCommitStore.connect_group(
+                db.dsn, min_size=db.pool_min, max_size=db.pool_max, committers=b.group_committers
+            )
+        else:
+            store = await PostgresStore.connect(db.dsn, min_size=db.pool_min, max_size=db.pool_max)
         try:
             async with store.pool.acquire() as conn:
                 todo = await pending(conn)  # type: ignore[arg-type]

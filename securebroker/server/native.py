@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 import uuid
 from collections import defaultdict
@@ -34,6 +35,7 @@ from securebroker.clock import from_ms, to_ms
 from securebroker.core.broker import Broker
 from securebroker.core.model import Delivery, NackRef, PublishRequest, SettleRef
 from securebroker.errors import (
+    AuthenticationError,
     BrokerError,
     InternalError,
     ProtocolError,
@@ -53,6 +55,8 @@ SERVER_NAME = "securebroker/0.1"
 MIN_POLL = 0.005
 MAX_POLL = 0.25
 RECEIVE_BATCH = 256
+LISTEN_BACKLOG = 128
+ACCEPT_BACKOFF = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +140,9 @@ class NativeServer:
         self.wakeups = wakeups or Wakeups()
         self.connections: set[Connection] = set()
         self.per_identity: dict[str, int] = defaultdict(int)
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._port: int | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self.closing = False
@@ -145,42 +151,93 @@ class NativeServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        assert self._port is not None, "not started"
+        return self._port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.settings.host, self.settings.port, limit=2**16
+        """Bind and listen, then accept in a task of our own.
+
+        The server owns its listening socket and hands each accepted socket to
+        ``loop.connect_accepted_socket(ssl=...)``, so TLS is the connection's first protocol:
+        nothing reads the client's first bytes as plaintext, and the handshake's outcome (or
+        its error, for the refusal record) comes back to ``_serve_one``. The obvious
+        ``asyncio.start_server`` + ``StreamWriter.start_tls`` strands a ClientHello that the
+        plaintext reader got first, and the handshake then hangs until its timeout (CPython
+        gh-142352; with uvloop it happens routinely, uvloop issue 707).
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self.settings.host,
+            self.settings.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
         )
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._pending.add(task)
+        if not infos:
+            raise OSError(f"cannot resolve listener address {self.settings.host!r}")
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
         try:
-            await self._serve_one(reader, writer)
-        finally:
-            self._pending.discard(task)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._port = sock.getsockname()[1]
+        self._acceptor = asyncio.ensure_future(self._accept_loop(sock))
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer_address(writer)
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.closing:
+            try:
+                conn, _address = await loop.sock_accept(sock)
+            except OSError as exc:  # e.g. out of file descriptors: back off, keep listening
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            task = asyncio.ensure_future(self._serve_one(conn))
+            self._pending.add(task)
+            task.add_done_callback(self._accept_done)
+
+    def _accept_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("connection handler failed", exc_info=exc)
+
+    async def _serve_one(self, sock: socket.socket) -> None:
+        try:
+            peer = _format_address(sock.getpeername())
+        except OSError:
+            peer = "unknown peer"
         if self.closing or len(self.connections) >= self.settings.max_connections:
             self.on_refused(peer, "connection limit reached" if not self.closing else "closing")
-            await _abort(writer)
+            sock.close()
             return
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**16)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            await writer.start_tls(
-                self.settings.ssl_context, ssl_handshake_timeout=self.settings.handshake_timeout
+            # On failure the loop closes the transport, and with it the socket.
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=self.settings.ssl_context,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
             )
         except (ssl.SSLError, OSError, TimeoutError, asyncio.CancelledError) as exc:
             self.on_refused(peer, f"tls handshake failed: {exc.__class__.__name__}: {exc}")
-            await _abort(writer)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        writer = asyncio.StreamWriter(tls, protocol, reader, loop)
         ssl_object = writer.get_extra_info("ssl_object")
         try:
+            if ssl_object is None:  # closed as the handshake completed
+                raise AuthenticationError("no TLS session")
             identity = identity_from_ssl_object(ssl_object)
         except BrokerError as exc:
             self.on_refused(peer, f"no usable client certificate: {exc}")
@@ -209,8 +266,13 @@ class NativeServer:
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, let connections finish in-flight commits, then close them."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+            self._acceptor = None
+        if self._sock is not None:
+            self._sock.close()
         conns = list(self.connections)
         for c in conns:
             c.begin_close(1, "server shutting down")
@@ -222,12 +284,9 @@ class NativeServer:
             task.cancel()
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=grace)
-        if self._server is not None:
-            await self._server.wait_closed()
 
 
-def _peer_address(writer: asyncio.StreamWriter) -> str:
-    addr = writer.get_extra_info("peername")
+def _format_address(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
     return str(addr)
@@ -274,13 +333,17 @@ class Consumer:
         poll = MIN_POLL
         try:
             while True:
+                # Clear before looking: a wake-up (settle, credit, publish) that arrives from
+                # here on is kept for the next sleep. Clearing only when there is room would let
+                # a wake-up at full credit make every later sleep return at once, and the loop
+                # would spin without ever yielding to the event loop.
+                self.wake.clear()
                 now = broker.clock.now()
                 self._drop_expired(now)
                 free = self.window - len(self.outstanding)
                 if free <= 0:
                     await self._sleep(self._until_next_expiry(now))
                     continue
-                self.wake.clear()
                 try:
                     batch = await broker.receive(
                         self.subscription,
@@ -363,6 +426,8 @@ class Connection:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closing = False
+        #: the pending read's timeout while ``run`` waits for input (see ``begin_close``)
+        self._read_timeout: asyncio.Timeout | None = None
         self.closed = asyncio.Event()
 
     @property
@@ -400,18 +465,26 @@ class Connection:
             if c.task is not None:
                 c.task.cancel()
         self.send(f.Close(code=code, reason=reason))
-        self.reader.feed_eof()
+        # Stop waiting for input by expiring the pending read's timeout. (Not
+        # ``reader.feed_eof()``: bytes the peer is still sending would then hit
+        # "feed_data after feed_eof" inside the TLS protocol, which aborts the transport and
+        # loses the confirms of the commits still in flight.)
+        if self._read_timeout is not None and not self._read_timeout.expired():
+            self._read_timeout.reschedule(asyncio.get_running_loop().time())
 
     async def run(self) -> None:
         settings = self.server.settings
         try:
             while not self._closing:
                 try:
-                    async with asyncio.timeout(settings.idle_timeout):
+                    async with asyncio.timeout(settings.idle_timeout) as self._read_timeout:
                         data = await self.reader.read(65536)
                 except TimeoutError:
-                    self.send(f.Close(code=2, reason="idle timeout"))
+                    if not self._closing:  # else begin_close ended the read
+                        self.send(f.Close(code=2, reason="idle timeout"))
                     break
+                finally:
+                    self._read_timeout = None
                 if not data:
                     break
                 try:

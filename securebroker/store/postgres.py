@@ -338,14 +338,14 @@ class PostgresStore:
                 [m.id for _, m in new],
                 [topic_ids[i] for i, _ in new],
                 [m.payload for _, m in new],
-                [m.attributes for _, m in new],
+                [m.attributes or None for _, m in new],
                 [m.content_type for _, m in new],
                 [m.idempotency_key for _, m in new],
                 [m.ordering_key for _, m in new],
                 [m.producer for _, m in new],
                 [m.not_before for _, m in new],
                 [m.expires_at for _, m in new],
-                [m.trace_context for _, m in new],
+                [m.trace_context or None for _, m in new],
                 [m.published_at for _, m in new],
             )
             for i, m in new:

@@ -102,13 +102,19 @@ FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS keys;
 
 -- name: publish
 -- One message row, fanned out (by reference) into one delivery row per subscription.
+-- Empty attribute maps arrive as NULL (cheaper to encode than '{}' per message).
 WITH m AS (
     INSERT INTO sb_messages (id, topic_id, payload, attributes, content_type, idempotency_key,
                              ordering_key, producer, not_before, expires_at, trace_context,
                              published_at)
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::jsonb[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::timestamptz[],
-                         $10::timestamptz[], $11::jsonb[], $12::timestamptz[])
+    SELECT r.id, r.topic_id, r.payload, coalesce(r.attributes, '{}'), r.content_type,
+           r.idempotency_key, r.ordering_key, r.producer, r.not_before, r.expires_at,
+           coalesce(r.trace_context, '{}'), r.published_at
+    FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::jsonb[], $5::text[],
+                $6::text[], $7::text[], $8::text[], $9::timestamptz[],
+                $10::timestamptz[], $11::jsonb[], $12::timestamptz[])
+        AS r (id, topic_id, payload, attributes, content_type, idempotency_key, ordering_key,
+              producer, not_before, expires_at, trace_context, published_at)
     RETURNING id, seq, topic_id, ordering_key, not_before, expires_at, published_at
 )
 INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, ordering_key, expires_at)

@@ -1,0 +1,46 @@
+"""The ``securebroker bench`` command (registered by securebroker/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from securebroker.bench.runner import TARGETS, WORKLOADS, run_all
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="small counts: the whole run takes under 2 minutes")
+@click.option(
+    "--targets",
+    default=",".join(TARGETS),
+    show_default=True,
+    help="comma-separated: " + ", ".join(TARGETS),
+)
+@click.option(
+    "--workloads",
+    default=",".join(WORKLOADS),
+    show_default=True,
+    help="comma-separated: W1 latency, W2 ingest, W3 work queue (saturation), "
+    "W3r (5,000 msg/s offered), W4 fan-out, W5 backlog drain",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="where the JSON and markdown results go",
+)
+def bench(quick: bool, targets: str, workloads: str, out: Path) -> None:
+    """Run the benchmark workloads against securebroker and its peers on this machine."""
+    chosen_targets = [t.strip() for t in targets.split(",") if t.strip()]
+    chosen_workloads = [w.strip() for w in workloads.split(",") if w.strip()]
+    for t in chosen_targets:
+        if t not in TARGETS:
+            raise click.BadParameter(f"unknown target {t!r}", param_hint="--targets")
+    for w in chosen_workloads:
+        if w not in WORKLOADS:
+            raise click.BadParameter(f"unknown workload {w!r}", param_hint="--workloads")
+    path = run_all(quick=quick, targets=chosen_targets, workloads=chosen_workloads, out_dir=out)
+    click.echo(path.with_suffix(".md").read_text())
+    click.echo(f"results: {path}")

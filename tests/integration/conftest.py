@@ -1,0 +1,5 @@
+"""Fixtures for the integration tests; the native-server harness lives in ``native_fixtures``."""
+
+from native_fixtures import native, native_factory, tls_material
+
+__all__ = ["native", "native_factory", "tls_material"]
