@@ -28,7 +28,7 @@ from securebroker.client import Client, connect
 from securebroker.config import Config, DatabaseConfig, ListenerConfig, load
 from securebroker.errors import BrokerError, ConfigError
 from securebroker.secrets import ensure_random_key, read_key
-from securebroker.store.migrate import migrate, migrate_dsn
+from securebroker.store.migrate import create_database, migrate_dsn
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -180,7 +180,7 @@ def dev(home: Path, certs: Path, port: int) -> None:
     key_file = ensure_random_key(home / "fingerprint.key")
     server = embedded.start((home / "pgdata").resolve(), keep=True)
     dsn = _run(
-        _ensure_database(server.get_uri("postgres"), embedded.database_uri(server, DEV_DATABASE))
+        _dev_database(server.get_uri("postgres"), embedded.database_uri(server, DEV_DATABASE))
     )
     config = Config(
         database=DatabaseConfig(dsn=dsn),
@@ -218,19 +218,8 @@ def _quickstart(certs: Path, pgdata: Path, port: int) -> str:
     )
 
 
-async def _ensure_database(admin_uri: str, dsn: str) -> str:
-    conn = await asyncpg.connect(admin_uri)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DEV_DATABASE)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{DEV_DATABASE}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+async def _dev_database(admin_uri: str, dsn: str) -> str:
+    await create_database(admin_uri, dsn, DEV_DATABASE)
     return dsn
 
 

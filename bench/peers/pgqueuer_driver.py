@@ -41,6 +41,7 @@ import time
 import traceback
 import uuid
 from array import array
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 ENTRYPOINT = "bench"
@@ -123,27 +124,24 @@ def _fast_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-# ---------------------------------------------------------------- publisher process
+# ---------------------------------------------------------------- client processes
 
 
-def publisher_proc(
+def client_proc(
+    role: str,
     idx: int,
-    cfg: dict[str, Any],
-    quota: int,
-    rate: float,
-    measure: bool,
-    ready_q: Any,
     result_q: Any,
-    go: Any,
-    deadline: Any,
+    body: Callable[..., Coroutine[Any, Any, dict[str, Any]]],
+    args: tuple[Any, ...],
 ) -> None:
+    """A publisher or consumer process: runs ``body(*args)``, hands its result or failure up."""
     _fast_loop()
     try:
-        res = asyncio.run(_publisher(idx, cfg, quota, rate, measure, ready_q, go, deadline))
+        res = asyncio.run(body(*args))
     except BaseException as e:  # noqa: BLE001 (any failure goes to the parent)
         result_q.put(
             {
-                "role": "publisher",
+                "role": role,
                 "idx": idx,
                 "error": f"{type(e).__name__}: {e}",
                 "trace": traceback.format_exc(),
@@ -151,6 +149,22 @@ def publisher_proc(
         )
         return
     result_q.put(res)
+
+
+async def _ready_then_wait(role: str, idx: int, ready_q: Any, go: Any) -> None:
+    """Tell the parent this process is connected, then wait for its go."""
+    ready_q.put((role, idx))
+    if not await asyncio.to_thread(go.wait, GO_TIMEOUT_S):
+        raise TimeoutError("never told to start")
+
+
+def _cpu_share(cpu0: float, t0_ms: float) -> float:
+    """This process's CPU time since ``cpu0`` over the wall time since ``t0_ms``."""
+    wall = (now_ms() - t0_ms) / 1000.0
+    return (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+
+
+# ---------------------------------------------------------------- publisher process
 
 
 async def _publisher(
@@ -169,9 +183,7 @@ async def _publisher(
     conns = [await asyncpg.connect(cfg["url"]) for _ in range(cfg["conns"])]
     queries = [Queries.from_asyncpg_connection(c) for c in conns]
     template = os.urandom(cfg["size"])
-    ready_q.put(("publisher", idx))
-    if not await asyncio.to_thread(go.wait, GO_TIMEOUT_S):
-        raise TimeoutError("never told to start")
+    await _ready_then_wait("publisher", idx, ready_q, go)
     deadline = deadline_v.value
     cpu0 = time.process_time()
     st = {"published": 0, "confirmed": 0, "nacked": 0, "start": now_ms(), "end": 0.0}
@@ -208,8 +220,7 @@ async def _publisher(
                 lat.append(tc - t)
 
     await asyncio.gather(*(lane(q) for q in queries))
-    wall = (now_ms() - st["start"]) / 1000.0
-    cpu = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+    cpu = _cpu_share(cpu0, st["start"])
     for c in conns:
         await c.close()
     if not st["end"]:
@@ -226,33 +237,6 @@ async def _publisher(
 
 
 # ---------------------------------------------------------------- consumer process
-
-
-def consumer_proc(
-    idx: int,
-    cfg: dict[str, Any],
-    measure: bool,
-    ready_q: Any,
-    result_q: Any,
-    go: Any,
-    stop: Any,
-    acked_arr: Any,
-    last_arr: Any,
-) -> None:
-    _fast_loop()
-    try:
-        res = asyncio.run(_consumer(idx, cfg, measure, ready_q, go, stop, acked_arr, last_arr))
-    except BaseException as e:  # noqa: BLE001 (any failure goes to the parent)
-        result_q.put(
-            {
-                "role": "consumer",
-                "idx": idx,
-                "error": f"{type(e).__name__}: {e}",
-                "trace": traceback.format_exc(),
-            }
-        )
-        return
-    result_q.put(res)
 
 
 async def _consumer(
@@ -288,9 +272,7 @@ async def _consumer(
             st["first"] = t
         st["last"] = t
 
-    ready_q.put(("consumer", idx))
-    if not await asyncio.to_thread(go.wait, GO_TIMEOUT_S):
-        raise TimeoutError("never told to start")
+    await _ready_then_wait("consumer", idx, ready_q, go)
     cpu0 = time.process_time()
     t0 = now_ms()
 
@@ -309,8 +291,7 @@ async def _consumer(
     )
     # run() returns after flushing its completion buffer: every counted job is completed.
     watcher.cancel()
-    wall = (now_ms() - t0) / 1000.0
-    cpu = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+    cpu = _cpu_share(cpu0, t0)
     acked_arr[idx] = st["acked"]
     last_arr[idx] = st["last"]
     with contextlib.suppress(Exception):
@@ -411,35 +392,28 @@ def run(cfg: dict[str, Any], result: dict[str, Any], procs: list[Any]) -> None:
         pub_rate = cfg["rate"] / cfg["publishers"] if w == "W3" and cfg["rate"] > 0 else 0.0
         measure_confirm = w != "W5"
         measure_e2e = w == "W3"
+
+        def start(role: str, idx: int, body: Callable[..., Any], args: tuple[Any, ...]) -> None:
+            p = ctx.Process(
+                target=client_proc, daemon=True, args=(role, idx, result_q, body, (idx, *args))
+            )
+            p.start()
+            procs.append(p)
+
         for i, q in enumerate(quotas):
-            p = ctx.Process(
-                target=publisher_proc,
-                daemon=True,
-                args=(i, cfg, q, pub_rate, measure_confirm, ready_q, result_q, go_pub, deadline),
-            )
-            p.start()
-            procs.append(p)
+            pub_args = (cfg, q, pub_rate, measure_confirm, ready_q, go_pub, deadline)
+            start("publisher", i, _publisher, pub_args)
+        con_args = (cfg, measure_e2e, ready_q, go_con, stop_con, acked_arr, last_arr)
         for i in range(ncon):
-            p = ctx.Process(
-                target=consumer_proc,
-                daemon=True,
-                args=(
-                    i,
-                    cfg,
-                    measure_e2e,
-                    ready_q,
-                    result_q,
-                    go_con,
-                    stop_con,
-                    acked_arr,
-                    last_arr,
-                ),
-            )
-            p.start()
-            procs.append(p)
+            start("consumer", i, _consumer, con_args)
         result["client_pids"] = [os.getpid(), *(p.pid for p in procs)]
 
         results: list[dict[str, Any]] = []
+
+        def raise_if_failed(r: dict[str, Any]) -> None:
+            if r.get("error"):
+                log(r.get("trace", ""))
+                raise RuntimeError(f"{r['role']} {r['idx']} failed: {r['error']}")
 
         def take(n: int, timeout: float, what: str) -> list[dict[str, Any]]:
             got: list[dict[str, Any]] = []
@@ -451,9 +425,7 @@ def run(cfg: dict[str, Any], result: dict[str, Any], procs: list[Any]) -> None:
                     if time.monotonic() > end:
                         raise TimeoutError(f"timed out waiting for {what}") from None
                     continue
-                if r.get("error"):
-                    log(r.get("trace", ""))
-                    raise RuntimeError(f"{r['role']} {r['idx']} failed: {r['error']}")
+                raise_if_failed(r)
                 got.append(r)
             return got
 
@@ -509,9 +481,7 @@ def run(cfg: dict[str, Any], result: dict[str, Any], procs: list[Any]) -> None:
             while sum(acked_arr[:ncon]) < target and time.monotonic() < cend:
                 with contextlib.suppress(queue_mod.Empty):
                     r = result_q.get(timeout=0.02)
-                    if r.get("error"):
-                        log(r.get("trace", ""))
-                        raise RuntimeError(f"{r['role']} {r['idx']} failed: {r['error']}")
+                    raise_if_failed(r)
                     raise RuntimeError(f"{r['role']} {r['idx']} ended early")
             if sum(acked_arr[:ncon]) < target:
                 result["notes"].append(

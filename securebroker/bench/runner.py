@@ -33,7 +33,7 @@ from securebroker.bench import sbdriver
 from securebroker.bench.stats import CpuMeter, pids_named
 from securebroker.client import connect
 from securebroker.secrets import ensure_random_key
-from securebroker.store.migrate import migrate
+from securebroker.store.migrate import create_database
 from securebroker.tls import ensure_dev_pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,27 +105,13 @@ def _free_port() -> int:
         return port
 
 
-async def _prepare_db(admin_uri: str, dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_uri)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
 def start_securebroker(workdir: Path, group_commit: bool = True) -> SecureBrokerUnderTest:
     pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
     key = ensure_random_key(workdir / "fingerprint.key")
     server = embedded.start(workdir / "pgdata", keep=False)
     admin_uri = server.get_uri("postgres")
     dsn = embedded.database_uri(server, "securebroker")
-    asyncio.run(_prepare_db(admin_uri, dsn, "securebroker"))
+    asyncio.run(create_database(admin_uri, dsn, "securebroker", fresh=True))
     port = _free_port()
     config = workdir / "broker.toml"
     config.write_text(

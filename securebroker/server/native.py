@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -421,7 +422,7 @@ class Connection:
         self.consumers: dict[int, Consumer] = {}
         self.subscribe_request: dict[int, int] = {}
         self._consumer_ids = itertools.count(1)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
         self._slots = asyncio.Semaphore(server.settings.max_inflight)
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -530,7 +531,11 @@ class Connection:
             await self._hello(frame, rid)
             return
         match frame:
-            case f.Publish() | f.PublishBatch() | f.Ack() | f.Nack() | f.Extend() | f.Admin():
+            case f.Publish(message=item):
+                await self._publish_fast([item], rid, single=True)
+            case f.PublishBatch(messages=items):
+                await self._publish_fast(items, rid, single=False)
+            case f.Ack() | f.Nack() | f.Extend() | f.Admin():
                 await self._spawn(self._request(frame, rid))
             case f.Subscribe():
                 await self._subscribe(frame, rid)
@@ -600,7 +605,51 @@ class Connection:
         self._inflight.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    async def _publish_fast(self, items: list[f.PublishItem], rid: int, *, single: bool) -> None:
+        """The hot path: no task per request. Validate and authorize now, queue the commit, and
+        send the confirm from the commit's completion callback."""
+        principal = self.principal
+        assert principal is not None
+        topics = {i.topic for i in items}
+        try:
+            for topic in topics:
+                self._authorize(Action.PUBLISH, topic)
+            fut = self.server.broker.submit_publish(
+                [to_request(i) for i in items], producer=principal.name
+            )
+        except BrokerError as exc:
+            self.send(_error_frame(exc), rid)
+            return
+        await self._slots.acquire()
+        self._inflight.add(fut)
+        fut.add_done_callback(functools.partial(self._confirmed, rid, topics))
+
+    def _confirmed(self, rid: int, topics: set[str], fut: asyncio.Future[Any]) -> None:
+        self._done(fut)
+        if fut.cancelled():
+            self.send(_error_frame(Unavailable("broker is shutting down")), rid)
+            return
+        exc = fut.exception()
+        if exc is None:
+            results = fut.result()
+            for topic in topics:
+                self.server.wakeups.notify(topic)
+            self.send(
+                f.Confirm(
+                    results=[
+                        f.Confirmed(message_id=str(r.message_id), duplicate=r.duplicate)
+                        for r in results
+                    ]
+                ),
+                rid,
+            )
+        elif isinstance(exc, BrokerError):
+            self.send(_error_frame(exc), rid)
+        else:
+            log.error("publish failed: %s", exc.__class__.__name__)
+            self.send(_error_frame(Unavailable("database error")), rid)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self._inflight.discard(task)
         self._slots.release()
 
@@ -625,27 +674,6 @@ class Connection:
         principal = self.principal
         assert principal is not None
         match frame:
-            case f.Publish(message=item):
-                self._authorize(Action.PUBLISH, item.topic)
-                res = await broker.publish(to_request(item), producer=principal.name)
-                self.server.wakeups.notify(item.topic)
-                return f.Confirm(
-                    results=[f.Confirmed(message_id=str(res.message_id), duplicate=res.duplicate)]
-                )
-            case f.PublishBatch(messages=items):
-                for topic in {i.topic for i in items}:
-                    self._authorize(Action.PUBLISH, topic)
-                results = await broker.publish_batch(
-                    [to_request(i) for i in items], producer=principal.name
-                )
-                for topic in {i.topic for i in items}:
-                    self.server.wakeups.notify(topic)
-                return f.Confirm(
-                    results=[
-                        f.Confirmed(message_id=str(r.message_id), duplicate=r.duplicate)
-                        for r in results
-                    ]
-                )
             case f.Ack(items=items):
                 refs = [
                     SettleRef(

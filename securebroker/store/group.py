@@ -102,10 +102,16 @@ class GroupCommitStore(PostgresStore):
     async def publish(
         self, messages: Sequence[PreparedMessage], retention: timedelta
     ) -> list[PublishResult]:
+        return await self.submit_publish(messages, retention)
+
+    def submit_publish(
+        self, messages: Sequence[PreparedMessage], retention: timedelta
+    ) -> asyncio.Future[list[PublishResult]]:
+        """Queue for the next group; the future resolves after that group's commit."""
         self._retention = retention
         fut: asyncio.Future[list[PublishResult]] = asyncio.get_running_loop().create_future()
         self._publishes.put_nowait(_Job(messages, fut))
-        return await fut
+        return fut
 
     async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
         fut: asyncio.Future[list[BrokerError | None]] = asyncio.get_running_loop().create_future()
@@ -155,12 +161,7 @@ class GroupCommitStore(PostgresStore):
                 log.warning("group publish failed: %s", exc.__class__.__name__)
                 _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
                 continue
-            pos = 0
-            for job in jobs:
-                n = len(job.items)
-                if not job.future.done():
-                    job.future.set_result(results[pos : pos + n])
-                pos += n
+            _resolve(jobs, results)
 
     async def _publish_one(self, job: _Job[PublishResult]) -> None:
         try:
@@ -192,12 +193,17 @@ class GroupCommitStore(PostgresStore):
                 log.warning("ack failed: %s", exc.__class__.__name__)
                 _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
                 continue
-            pos = 0
-            for job in jobs:
-                n = len(job.items)
-                if not job.future.done():
-                    job.future.set_result(results[pos : pos + n])
-                pos += n
+            _resolve(jobs, results)
+
+
+def _resolve(jobs: Sequence[_Job[R]], results: Sequence[R]) -> None:
+    """Hand each job its slice of a group's results, in queue order."""
+    pos = 0
+    for job in jobs:
+        n = len(job.items)
+        if not job.future.done():
+            job.future.set_result(list(results[pos : pos + n]))
+        pos += n
 
 
 def _fail(jobs: Sequence[_Job[R]], exc: BaseException) -> None:

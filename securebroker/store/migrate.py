@@ -136,3 +136,22 @@ async def pending(conn: asyncpg.Connection, directory: Path | None = None) -> li
         if m.version in applied and applied[m.version] != m.checksum:
             raise MigrationError(f"migration {m.name} was edited after it was applied")
     return [m.name for m in migrations if m.version not in applied]
+
+
+async def create_database(admin_dsn: str, dsn: str, name: str, *, fresh: bool = False) -> None:
+    """Create database ``name`` (dropping it first when ``fresh``) and migrate it.
+
+    For bootstrap tools (``securebroker dev``, the benchmark) on a server they own. ``name`` is a
+    constant of ours, never input, and is quoted as an identifier.
+    """
+    ident = '"' + name.replace('"', '""') + '"'
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if fresh:
+            await conn.execute("DROP DATABASE IF EXISTS " + ident)
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute("CREATE DATABASE " + ident)
+    finally:
+        await conn.close()
+    await migrate_dsn(dsn)

@@ -1,9 +1,9 @@
 """An in-process ``NativeServer`` on real PostgreSQL and real mutual TLS, for the integration tests.
 
-The server runs on 127.0.0.1 with port 0, on a ``PostgresStore`` for the test's fresh database
-(``pg_dsn``) and a ``Broker`` driven by the test's ``ManualClock``: leases expire when the test
-advances the clock, never by waiting. TLS material is a development PKI generated in ``tmp_path``
-(with a CRL revoking one certificate), as in ``test_tls_refusals.py``.
+The server runs on 127.0.0.1 with port 0, on a group-commit store for the test's fresh
+database (``pg_dsn``) and a ``Broker`` driven by the test's ``ManualClock``: leases expire
+when the test advances the clock, never by waiting. TLS material is a development PKI
+generated in ``tmp_path`` (with a CRL revoking one certificate), as in ``test_tls_refusals.py``.
 
 ``native_factory(**overrides)`` starts a server with ``ListenerSettings`` overrides (connection
 limits, protocol limits); ``native`` is one with the defaults. Every refusal the server reports
@@ -34,6 +34,7 @@ from securebroker.protocol import frames as f
 from securebroker.server.admin import AdminService
 from securebroker.server.auth import AllowAll, CertificateAuthenticator
 from securebroker.server.native import Connection, Consumer, ListenerSettings, NativeServer
+from securebroker.store.group import GroupCommitStore
 from securebroker.store.postgres import PostgresStore
 from securebroker.tls import DevPki, client_context, ensure_dev_pki, issue_client_cert, write_crl
 from securebroker.tls import server_context as make_server_context
@@ -239,7 +240,8 @@ async def start_native(
     """A started NativeServer on ``pg_dsn``; ``overrides`` go to ``ListenerSettings``
     (plus ``min_tls`` for the server's TLS context). Stop it with ``stop_native``."""
     pki = tls_material.pki
-    store = await PostgresStore.connect(pg_dsn, min_size=1, max_size=20)
+    # Group commit, as the broker runs by default (the contract suite covers the plain store).
+    store: PostgresStore = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=20)
     try:
         broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(7))
         ctx = make_server_context(

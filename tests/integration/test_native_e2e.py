@@ -69,21 +69,28 @@ def settle_item(m: Message) -> f.SettleItem:
     )
 
 
-PublishFn = Callable[..., Awaitable[PublishResult]]
+SubmitFn = Callable[..., "asyncio.Future[list[PublishResult]]"]
 
 
 def gate_publishes(
     h: NativeHarness, hook: Callable[[PublishRequest, PublishResult], Awaitable[None]]
 ) -> None:
-    """Run ``hook`` after each commit and before its confirm is sent (instance-level patch)."""
-    real: PublishFn = h.broker.publish
+    """Run ``hook`` after each commit and before its confirm is sent (instance-level patch of
+    the core's ``submit_publish``, which the native front door calls)."""
+    real: SubmitFn = h.broker.submit_publish
 
-    async def publish(req: PublishRequest, **kw: Any) -> PublishResult:
-        result = await real(req, **kw)
-        await hook(req, result)
-        return result
+    def submit(reqs: list[PublishRequest], **kw: Any) -> asyncio.Future[list[PublishResult]]:
+        committed = real(reqs, **kw)
 
-    h.broker.publish = publish  # type: ignore[method-assign]
+        async def after() -> list[PublishResult]:
+            results = await committed
+            for req, result in zip(reqs, results, strict=True):
+                await hook(req, result)
+            return results
+
+        return asyncio.ensure_future(after())
+
+    h.broker.submit_publish = submit  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------------------------
