@@ -172,6 +172,7 @@ def _run_worker(cfg: dict[str, Any]) -> None:
         "con": [r.con.start, r.con.end],
         "confirm": r.confirm.items,
         "e2e": r.e2e.items,
+        "cpu_s": sum(os.times()[:2]),
     }
     # A file, not stdout: an event loop may leave stdout non-blocking, truncating big writes.
     with open(cfg["result_file"], "w", encoding="utf-8") as fh:
@@ -262,6 +263,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     con_s = _phase(results, "con")
     confirm = [x for r in results for x in r.get("confirm", [])]
     e2e = [x for r in results for x in r.get("e2e", [])]
+    client_cpu = sum(r.get("cpu_s", 0.0) for r in results)
+    n = max(confirmed, acked, 1)
     return {
         "peer": "securebroker",
         "workload": wl,
@@ -275,6 +278,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "consume_rate": round(acked / con_s, 1) if con_s else 0,
         "confirm_latency_ms": percentiles(confirm),
         "e2e_latency_ms": percentiles(e2e),
+        "client_cpu_us_per_message": round(client_cpu * 1e6 / n, 1),
         "notes": f"{procs} client processes, SDK over mTLS, inflight {spec['inflight']}",
         "error": None,
     }

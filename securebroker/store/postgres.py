@@ -372,9 +372,13 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             sub = await self._sub(conn, subscription)
             until = now + (lease_for or sub.settings.lease)
-            rows = await conn.fetch(
-                Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
-            )
+            # See lease_settings: no WAL flush wait, ordered index walk. Acks and publishes
+            # keep synchronous_commit on.
+            async with conn.transaction():
+                await conn.execute(Q["lease_settings"])
+                rows = await conn.fetch(
+                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+                )
         return [
             Delivery(
                 subscription=subscription,

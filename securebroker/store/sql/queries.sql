@@ -121,6 +121,13 @@ INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, order
 SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key, m.expires_at
 FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
 
+-- name: lease_settings
+-- Leases need no WAL flush (a lost lease only means another delivery: at-least-once), and the
+-- dequeue must walk the index in order rather than bitmap-scan and sort the whole backlog,
+-- which the planner picks when a queue table's statistics are stale (they always are).
+SET LOCAL synchronous_commit = off;
+SET LOCAL enable_bitmapscan = off;
+
 -- name: lease
 -- Eligible: live, available, attempts left, not expired, and first of its ordering-key group.
 -- An expired lease is eligible again because leasing sets available_at to the lease expiry.
@@ -168,14 +175,12 @@ WITH req AS (
       AND d.state = 1 AND d.lease_token = req.lease_token
     RETURNING d.message_id, d.subscription_id
 ), gone AS (
+    -- Every data-modifying CTE sees the snapshot from before the statement, so the rows just
+    -- deleted are still counted: the message goes when all its live rows are in ``done``.
     DELETE FROM sb_messages m
-    WHERE m.id IN (SELECT message_id FROM done)
-      AND NOT EXISTS (
-        SELECT 1 FROM sb_deliveries o
-        WHERE o.message_id = m.id
-          AND NOT EXISTS (SELECT 1 FROM done x
-                          WHERE x.message_id = o.message_id
-                            AND x.subscription_id = o.subscription_id))
+    USING (SELECT message_id, count(*) AS n FROM done GROUP BY message_id) AS g
+    WHERE m.id = g.message_id
+      AND (SELECT count(*) FROM sb_deliveries o WHERE o.message_id = g.message_id) = g.n
 )
 SELECT message_id, subscription_id FROM done;
 
