@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import trustme
 from native_fixtures import (
     ADMIN,
     ADMIN_PRINCIPAL,
@@ -31,11 +29,17 @@ from native_fixtures import (
     start_native,
     stop_native,
 )
+from tls_helpers import (
+    expired_client,
+    foreign_ca_client,
+    no_certificate_client,
+    revoked_client,
+    send_plaintext,
+)
 
 from securebroker.clock import ManualClock
 from securebroker.errors import AuthenticationError, ResourceExhausted, Unavailable
 from securebroker.protocol import PREAMBLE, Hello, Publish, PublishItem, encode
-from securebroker.tls import client_context, issue_client_cert
 
 TOPIC = "payments.authorize"
 SUB = "payments.authorize.ledger"
@@ -89,40 +93,28 @@ async def test_valid_certificate_is_accepted_and_can_publish(native: NativeHarne
 async def test_client_without_certificate_is_refused(
     native: NativeHarness, tls_material: TlsMaterial
 ) -> None:
-    ctx = client_context(cert=None, key=None, ca=tls_material.pki.ca_cert)
+    ctx = no_certificate_client(tls_material.pki)
     await _assert_refused(native, ctx, "peer did not return a certificate")
 
 
 async def test_certificate_from_another_ca_is_refused(
     native: NativeHarness, tls_material: TlsMaterial, tmp_path: Path
 ) -> None:
-    foreign = trustme.CA().issue_cert("foreign-client")
-    cert, key = tmp_path / "foreign.pem", tmp_path / "foreign.key"
-    foreign.cert_chain_pems[0].write_to_path(str(cert))
-    foreign.private_key_pem.write_to_path(str(key))
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = foreign_ca_client(tls_material.pki, tmp_path)
     await _assert_refused(native, ctx, "unable to get local issuer certificate")
 
 
 async def test_expired_client_certificate_is_refused(
     native: NativeHarness, tls_material: TlsMaterial
 ) -> None:
-    now = datetime.now(UTC)
-    cert, key = issue_client_cert(
-        tls_material.pki,
-        "expired-client",
-        not_before=now - timedelta(days=30),
-        not_after=now - timedelta(days=1),
-    )
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = expired_client(tls_material.pki)
     await _assert_refused(native, ctx, "certificate has expired")
 
 
 async def test_revoked_client_certificate_is_refused(
     native: NativeHarness, tls_material: TlsMaterial
 ) -> None:
-    cert, key = tls_material.revoked
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = revoked_client(tls_material.pki, tls_material.revoked)
     await _assert_refused(native, ctx, "certificate revoked")
 
 
@@ -139,15 +131,7 @@ async def test_plaintext_client_is_refused(
 ) -> None:
     await make_queue(native, TOPIC, SUB)
     async with asyncio.timeout(IO_TIMEOUT):
-        reader, writer = await asyncio.open_connection(native.host, native.port)
-        try:
-            writer.write(first_bytes)
-            try:
-                data = await reader.read()
-            except ConnectionResetError:
-                data = b""
-        finally:
-            await close_writer(writer)
+        data = await send_plaintext(native.host, native.port, first_bytes)
     assert data == b""
     refusal = await native.wait_refusal(reason)
     assert refusal.startswith("tls handshake failed"), refusal

@@ -22,12 +22,18 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import trustme
 from cryptography import x509
+from tls_helpers import (
+    close_quietly,
+    expired_client,
+    foreign_ca_client,
+    no_certificate_client,
+    revoked_client,
+    send_plaintext,
+)
 
 from securebroker.tls import (
     DevPki,
@@ -136,12 +142,6 @@ async def tls_echo_server(tls_material: TlsMaterial) -> AsyncIterator[TlsServer]
 # client helpers
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ssl.SSLError, OSError):
-        await writer.wait_closed()
-
-
 async def _read_all(server: TlsServer, ctx: ssl.SSLContext) -> bytes | BaseException:
     """Connect over TLS and read until EOF; a read error is returned, not raised."""
     async with asyncio.timeout(IO_TIMEOUT):
@@ -151,13 +151,13 @@ async def _read_all(server: TlsServer, ctx: ssl.SSLContext) -> bytes | BaseExcep
         except (ssl.SSLError, ConnectionResetError) as exc:
             return exc
         finally:
-            await _close(writer)
+            await close_quietly(writer)
 
 
 async def _connect_and_close(server: TlsServer, ctx: ssl.SSLContext) -> None:
     async with asyncio.timeout(IO_TIMEOUT):
         _reader, writer = await asyncio.open_connection(server.host, server.port, ssl=ctx)
-        await _close(writer)
+        await close_quietly(writer)
 
 
 async def _assert_refused_after_handshake(
@@ -192,40 +192,28 @@ async def test_valid_client_certificate_is_accepted(
 async def test_client_without_certificate_is_refused(
     tls_echo_server: TlsServer, tls_material: TlsMaterial
 ) -> None:
-    ctx = client_context(cert=None, key=None, ca=tls_material.pki.ca_cert)
+    ctx = no_certificate_client(tls_material.pki)
     await _assert_refused_after_handshake(tls_echo_server, ctx, "peer did not return a certificate")
 
 
 async def test_certificate_from_another_ca_is_refused(
     tls_echo_server: TlsServer, tls_material: TlsMaterial, tmp_path: Path
 ) -> None:
-    foreign = trustme.CA().issue_cert("foreign-client")
-    cert, key = tmp_path / "foreign.pem", tmp_path / "foreign.key"
-    foreign.cert_chain_pems[0].write_to_path(str(cert))
-    foreign.private_key_pem.write_to_path(str(key))
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = foreign_ca_client(tls_material.pki, tmp_path)
     await _assert_refused_after_handshake(tls_echo_server, ctx, "unable to get local issuer")
 
 
 async def test_expired_client_certificate_is_refused(
     tls_echo_server: TlsServer, tls_material: TlsMaterial
 ) -> None:
-    now = datetime.now(UTC)
-    cert, key = issue_client_cert(
-        tls_material.pki,
-        "expired-client",
-        not_before=now - timedelta(days=30),
-        not_after=now - timedelta(days=1),
-    )
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = expired_client(tls_material.pki)
     await _assert_refused_after_handshake(tls_echo_server, ctx, "certificate has expired")
 
 
 async def test_revoked_client_certificate_is_refused(
     tls_echo_server: TlsServer, tls_material: TlsMaterial
 ) -> None:
-    cert, key = tls_material.revoked
-    ctx = client_context(cert=cert, key=key, ca=tls_material.pki.ca_cert)
+    ctx = revoked_client(tls_material.pki, tls_material.revoked)
     await _assert_refused_after_handshake(tls_echo_server, ctx, "certificate revoked")
 
 
@@ -239,17 +227,9 @@ async def test_unrevoked_certificate_from_same_ca_still_accepted_with_crl(
 
 
 async def test_plaintext_client_gets_no_data(tls_echo_server: TlsServer) -> None:
+    http = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
     async with asyncio.timeout(IO_TIMEOUT):
-        reader, writer = await asyncio.open_connection(tls_echo_server.host, tls_echo_server.port)
-        try:
-            writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            await writer.drain()
-            try:
-                data = await reader.read()
-            except ConnectionResetError:
-                data = b""
-        finally:
-            await _close(writer)
+        data = await send_plaintext(tls_echo_server.host, tls_echo_server.port, http)
     assert data == b""
     outcome = await tls_echo_server.next_outcome()
     assert outcome.principal is None

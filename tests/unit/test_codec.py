@@ -7,143 +7,45 @@ import struct
 
 import msgspec
 import pytest
+from codec_helpers import ITEM, LEASE, MID, SAMPLES, raw_frame, ready_decoder
 
 from securebroker.errors import ConfigError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from securebroker.protocol import (
     FRAME_TYPES,
     PREAMBLE,
     Ack,
-    Admin,
-    AdminResult,
     Auth,
     Close,
-    Confirm,
-    Confirmed,
     Credit,
     Deliver,
     Envelope,
-    Error,
     Extend,
-    Extended,
     Frame,
     FrameDecoder,
     Hello,
     Limits,
-    Nack,
-    NackItem,
-    Ok,
     Ping,
     Pong,
     Publish,
     PublishBatch,
     PublishItem,
-    Settled,
     SettleItem,
-    SettleResult,
     Subscribe,
-    Subscribed,
     Unsubscribe,
-    Welcome,
     encode,
     encode_many,
     validate,
 )
 from securebroker.protocol.frames import MAX_FRAME, MAX_METADATA, MAX_PAYLOAD
 
-MID = "01938f3e-7c1a-7b4e-9d2f-3a5b6c7d8e9f"
-LEASE = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
-
-ITEM = PublishItem(
-    topic="payments.authorize",
-    payload=b"\x00\x01card-token\xff",
-    attributes={"region": "eu", "kind": "auth"},
-    content_type="application/json",
-    idempotency_key="order-42",
-    ordering_key="customer-7",
-    not_before_ms=1_700_000_000_000,
-    expires_at_ms=1_700_000_600_000,
-    trace_context={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
-)
-
-SAMPLES: list[Frame] = [
-    Hello(client="securebroker-python/0.1", token="eyJhbGciOiJFUzI1NiJ9.e30.sig"),
-    Hello(client="anonymous"),
-    Welcome(
-        version=1,
-        server="securebroker/0.1",
-        session="s-1",
-        max_frame=MAX_FRAME,
-        max_batch=1000,
-        heartbeat_ms=15_000,
-        principal="CN=orders,O=shop",
-    ),
-    Auth(token="eyJhbGciOiJFUzI1NiJ9.e30.sig2"),
-    Ok(),
-    Error(code=32, name="stale_lease", message="lease expired", retryable=False),
-    Publish(message=ITEM),
-    Publish(message=PublishItem(topic="t", payload=b"")),
-    PublishBatch(messages=[ITEM, PublishItem(topic="orders.created", payload=b"{}")]),
-    Confirm(results=[Confirmed(message_id=MID), Confirmed(message_id=MID, duplicate=True)]),
-    Subscribe(subscription="payments.authorize.fraud", credit=100, lease_ms=30_000),
-    Subscribe(subscription="ledger", credit=0),
-    Subscribed(consumer=3),
-    Credit(consumer=3, credit=50),
-    Deliver(
-        consumer=3,
-        subscription="fraud",
-        topic="payments.authorize",
-        message_id=MID,
-        lease_token=LEASE,
-        lease_expires_ms=1_700_000_030_000,
-        attempt=2,
-        payload=b"\x00payload",
-        attributes={"region": "eu"},
-        content_type="application/json",
-        idempotency_key="order-42",
-        ordering_key="customer-7",
-        published_ms=1_700_000_000_000,
-        trace_context={"traceparent": "00-abc-def-01"},
-    ),
-    Ack(items=[SettleItem(subscription="fraud", message_id=MID, lease_token=LEASE)]),
-    Nack(
-        items=[
-            NackItem(subscription="fraud", message_id=MID, lease_token=LEASE),
-            NackItem(
-                subscription="fraud", message_id=MID, lease_token=LEASE, error="boom", delay_ms=500
-            ),
-        ]
-    ),
-    Settled(
-        results=[
-            SettleResult(ok=True),
-            SettleResult(ok=False, code=32, name="stale_lease", message="lease expired"),
-        ]
-    ),
-    Extend(subscription="fraud", message_id=MID, lease_token=LEASE, lease_ms=60_000),
-    Extended(lease_expires_ms=1_700_000_090_000),
-    Unsubscribe(consumer=3),
-    Ping(),
-    Pong(),
-    Admin(op="topics.create", args={"name": "payments.authorize", "partitions": [1, 2], "x": None}),
-    AdminResult(result={"topics": ["a", "b"], "count": 2}),
-    AdminResult(),
-    Close(code=0, reason="bye"),
-]
-
 
 def server() -> FrameDecoder:
     """A server-side decoder that has already seen the preamble."""
-    decoder = FrameDecoder(role="server")
-    assert decoder.feed(PREAMBLE) == []
-    return decoder
+    return ready_decoder("server")
 
 
 def receiver_for(frame: Frame) -> FrameDecoder:
-    return server() if frame.SENDER == "client" else FrameDecoder(role="client")
-
-
-def raw_frame(frame_type: int, body: bytes, *, request_id: int = 1, flags: int = 0) -> bytes:
-    return struct.pack(">IBBI", 6 + len(body), frame_type, flags, request_id) + body
+    return ready_decoder("server" if frame.SENDER == "client" else "client")
 
 
 def publish_with(**changes: object) -> bytes:
