@@ -26,7 +26,7 @@ import asyncpg
 
 from securebroker.core.model import PreparedMessage, PublishResult, SettleRef
 from securebroker.errors import BrokerError, Unavailable
-from securebroker.store.postgres import PostgresStore
+from securebroker.store.postgres import PostgresStore, create_pools
 
 log = logging.getLogger("securebroker.groupcommit")
 
@@ -52,12 +52,13 @@ class GroupCommitStore(PostgresStore):
     def __init__(
         self,
         pool: asyncpg.Pool,
+        lease_pool: asyncpg.Pool | None = None,
         *,
         committers: int = 3,
         max_items: int = 4000,
         retention: timedelta = timedelta(days=7),
     ) -> None:
-        super().__init__(pool)
+        super().__init__(pool, lease_pool)
         self._publishes: asyncio.Queue[_Job[PublishResult]] = asyncio.Queue()
         self._acks: asyncio.Queue[_Job[BrokerError | None]] = asyncio.Queue()
         self._max_items = max_items
@@ -72,11 +73,8 @@ class GroupCommitStore(PostgresStore):
     async def connect_group(
         cls, dsn: str, *, min_size: int = 2, max_size: int = 10, committers: int = 3
     ) -> GroupCommitStore:
-        from securebroker.store.postgres import create_pool  # noqa: PLC0415
-
-        store = cls(
-            await create_pool(dsn, min_size=min_size, max_size=max_size), committers=committers
-        )
+        pool, lease_pool = await create_pools(dsn, min_size=min_size, max_size=max_size)
+        store = cls(pool, lease_pool, committers=committers)
         store.start()
         return store
 

@@ -68,7 +68,20 @@ async def _init_connection(conn: Conn) -> None:
     )
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+#: Settings of the lease connections (see ``PostgresStore``): a lease needs no WAL-flush wait
+#: (a lease lost in a crash only means another delivery: at-least-once), and the dequeue must
+#: walk its index in order instead of bitmap-scanning and sorting the whole backlog, which the
+#: planner picks when a queue table's statistics are stale (they always are).
+LEASE_SETTINGS = {"synchronous_commit": "off", "enable_bitmapscan": "off"}
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -79,12 +92,28 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
                 "timezone": "UTC",
                 "synchronous_commit": "on",
                 "application_name": "securebroker",
-            },
+            }
+            | (settings or {}),
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise Unavailable(f"cannot connect to PostgreSQL: {exc.__class__.__name__}") from exc
     assert pool is not None
     return pool
+
+
+async def create_pools(
+    dsn: str, *, min_size: int, max_size: int
+) -> tuple[asyncpg.Pool, asyncpg.Pool]:
+    """The main pool and a smaller lease pool (``LEASE_SETTINGS``)."""
+    pool = await create_pool(dsn, min_size=min_size, max_size=max_size)
+    try:
+        lease_pool = await create_pool(
+            dsn, min_size=1, max_size=max(2, max_size // 2), settings=LEASE_SETTINGS
+        )
+    except BaseException:
+        await pool.close()
+        raise
+    return pool, lease_pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,17 +152,22 @@ def ordering_lock_key(topic_id: int, ordering_key: str) -> int:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, lease_pool: asyncpg.Pool | None = None) -> None:
+        """``pool`` serves everything durable; ``lease_pool`` (``LEASE_SETTINGS``) the dequeue."""
         self.pool = pool
+        self.lease_pool = lease_pool
         self._topics: dict[str, tuple[int, float]] = {}
         self._subs: dict[str, tuple[_SubRow, float]] = {}
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PostgresStore:
-        return cls(await create_pool(dsn, min_size=min_size, max_size=max_size))
+        pool, lease_pool = await create_pools(dsn, min_size=min_size, max_size=max_size)
+        return cls(pool, lease_pool)
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.lease_pool is not None:
+            await self.lease_pool.close()
 
     # -- name resolution -----------------------------------------------------------------------
     async def _topic_id(self, conn: Conn, name: str) -> int:
@@ -369,16 +403,12 @@ class PostgresStore:
         consumer: str,
         now: datetime,
     ) -> list[Delivery]:
-        async with self.pool.acquire() as conn:
+        async with (self.lease_pool or self.pool).acquire() as conn:
             sub = await self._sub(conn, subscription)
             until = now + (lease_for or sub.settings.lease)
-            # See lease_settings: no WAL flush wait, ordered index walk. Acks and publishes
-            # keep synchronous_commit on.
-            async with conn.transaction():
-                await conn.execute(Q["lease_settings"])
-                rows = await conn.fetch(
-                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
-                )
+            rows = await conn.fetch(
+                Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+            )
         return [
             Delivery(
                 subscription=subscription,

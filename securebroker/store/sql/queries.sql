@@ -121,14 +121,8 @@ INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, order
 SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key, m.expires_at
 FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
 
--- name: lease_settings
--- Leases need no WAL flush (a lost lease only means another delivery: at-least-once), and the
--- dequeue must walk the index in order rather than bitmap-scan and sort the whole backlog,
--- which the planner picks when a queue table's statistics are stale (they always are).
-SET LOCAL synchronous_commit = off;
-SET LOCAL enable_bitmapscan = off;
-
 -- name: lease
+-- Runs on the lease pool (postgres.LEASE_SETTINGS: no WAL-flush wait, no bitmap scans).
 -- Eligible: live, available, attempts left, not expired, and first of its ordering-key group.
 -- An expired lease is eligible again because leasing sets available_at to the lease expiry.
 WITH picked AS (
