@@ -97,9 +97,12 @@ class Message:
         )
 
     async def ack(self) -> None:
-        """Settle for good. Raises ``StaleLease`` if the lease expired and moved on."""
-        reply = await self._client.request(f.Ack(items=[self._item()]))
-        _raise_settle(reply)
+        """Settle for good. Raises ``StaleLease`` if the lease expired and moved on.
+
+        Acks issued in the same event-loop turn travel together in one ACK frame (and so in one
+        broker transaction); each caller still gets its own result.
+        """
+        await self._client._acks.submit(self._item())
 
     async def nack(self, error: str = "", *, delay: timedelta | None = None) -> None:
         """Give it back for redelivery (after backoff, or ``delay``); counts as an attempt."""
@@ -131,6 +134,53 @@ def _raise_settle(reply: f.Frame) -> None:
     for r in reply.results:
         if not r.ok:
             raise from_wire(r.code, r.message)
+
+
+class _AckBatcher:
+    """Coalesces the acks of one event-loop turn into one ACK frame with per-item results."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._items: list[f.SettleItem] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._scheduled = False
+
+    def submit(self, item: f.SettleItem) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._items.append(item)
+        self._waiters.append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._items:
+            n = min(len(self._items), f.MAX_BATCH)
+            items, waiters = self._items[:n], self._waiters[:n]
+            del self._items[:n], self._waiters[:n]
+            self._client._spawn(self._send(items, waiters))
+
+    async def _send(self, items: list[f.SettleItem], waiters: list[asyncio.Future[None]]) -> None:
+        try:
+            reply = await self._client.request(f.Ack(items=items))
+        except BaseException as exc:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        assert isinstance(reply, f.Settled)
+        for w, r in zip(waiters, reply.results, strict=True):
+            if w.done():
+                continue
+            if r.ok:
+                w.set_result(None)
+            else:
+                w.set_exception(from_wire(r.code, r.message))
 
 
 class Subscription:
@@ -235,6 +285,7 @@ class Client:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: set[Subscription] = set()
+        self._acks = _AckBatcher(self)
         self.principal: str | None = None
         self.reconnects = 0
 
