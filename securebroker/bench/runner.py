@@ -235,7 +235,8 @@ def run_peer(target: str, spec: dict[str, Any], pg_admin_uri: str | None) -> dic
     else:
         cmd = [sys.executable, str(PEERS_DIR / "pgqueuer_driver.py")]
         assert pg_admin_uri is not None
-        base |= {"url": pg_admin_uri}
+        # The embedded server allows 100 connections, shared with securebroker's pools.
+        base |= {"url": pg_admin_uri, "options": {"max_conns_per_publisher": 4}}
         postmaster = [p for p in pids_named("postgres") if _is_embedded_postmaster(p)]
         meter = CpuMeter(tuple(postmaster), include_children=True)
     meter.start()
@@ -306,8 +307,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             continue
         cpu = ", ".join(f"{k} {v}" for k, v in (r.get("cpu_us_per_message") or {}).items())
         lines.append(
-            f"| {r.get('label', r['workload'])} | {r['peer']} | {r.get('publish_rate', 0):,.0f} "
-            f"| {r.get('consume_rate', 0):,.0f} | {_pct(r.get('confirm_latency_ms'))} "
+            f"| {r.get('label', r['workload'])} | {r['peer']} | {r.get('publish_rate') or 0:,.0f} "
+            f"| {r.get('consume_rate') or 0:,.0f} | {_pct(r.get('confirm_latency_ms'))} "
             f"| {_pct(r.get('e2e_latency_ms'))} | {cpu} | {r.get('errors', 0)} |"
         )
     return "\n".join(lines) + "\n"
