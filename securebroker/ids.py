@@ -22,6 +22,14 @@ def _random10() -> bytes:
     return out
 
 
+def _reset_after_fork() -> None:
+    global _pool, _pos
+    _pool, _pos = b"", 0  # a forked child must never reuse its parent's random bytes
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def uuid7(when: datetime, rand: bytes | None = None) -> uuid.UUID:
     """A UUIDv7 whose first 48 bits are ``when`` in epoch milliseconds.
 

@@ -1,3 +1,4 @@
+import os
 from datetime import UTC, datetime, timedelta
 
 from securebroker.ids import uuid7
@@ -11,3 +12,18 @@ def test_uuid7_layout_and_order() -> None:
     ids = [uuid7(t + timedelta(milliseconds=i)) for i in range(10_000)]
     assert ids == sorted(ids)  # time-ordered across milliseconds
     assert len(set(ids)) == len(ids)  # and unique, across refills of the random buffer
+
+
+def test_forked_child_does_not_reuse_parent_randomness() -> None:
+    t = datetime(2026, 11, 25, tzinfo=UTC)
+    uuid7(t)  # fill the parent's buffer
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report its next id
+        os.write(w, uuid7(t).bytes)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 16)
+    os.close(r)
+    os.close(w)
+    assert child != uuid7(t).bytes
