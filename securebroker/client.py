@@ -22,14 +22,13 @@ import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from securebroker.clock import from_ms, to_ms
-from securebroker.core.model import PublishResult
+from securebroker.core.model import PublishRequest, PublishResult
 from securebroker.errors import (
     AuthenticationError,
     BrokerError,
@@ -46,30 +45,22 @@ log = logging.getLogger("securebroker.client")
 CLIENT_NAME = "securebroker-python/0.1"
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    topic: str
-    payload: bytes
-    attributes: Mapping[str, str] = field(default_factory=dict)
-    content_type: str = "application/octet-stream"
-    idempotency_key: str | None = None
-    ordering_key: str | None = None
-    not_before: datetime | None = None
-    expires_at: datetime | None = None
-    trace_context: Mapping[str, str] = field(default_factory=dict)
+#: What the SDK publishes is exactly what the core accepts: one vocabulary on both sides.
+OutgoingMessage = PublishRequest
 
-    def to_item(self, key: str) -> f.PublishItem:
-        return f.PublishItem(
-            topic=self.topic,
-            payload=self.payload,
-            attributes=dict(self.attributes),
-            content_type=self.content_type,
-            idempotency_key=key,
-            ordering_key=self.ordering_key,
-            not_before_ms=None if self.not_before is None else to_ms(self.not_before),
-            expires_at_ms=None if self.expires_at is None else to_ms(self.expires_at),
-            trace_context=dict(self.trace_context),
-        )
+
+def _to_item(m: PublishRequest, key: str) -> f.PublishItem:
+    return f.PublishItem(
+        topic=m.topic,
+        payload=m.payload,
+        attributes=dict(m.attributes),
+        content_type=m.content_type,
+        idempotency_key=key,
+        ordering_key=m.ordering_key,
+        not_before_ms=None if m.not_before is None else to_ms(m.not_before),
+        expires_at_ms=None if m.expires_at is None else to_ms(m.expires_at),
+        trace_context=dict(m.trace_context),
+    )
 
 
 class Message:
@@ -519,7 +510,7 @@ class Client:
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> list[PublishResult]:
         """Publish atomically: all committed, or none (the error says why)."""
-        items = [m.to_item(m.idempotency_key or str(uuid.uuid4())) for m in messages]
+        items = [_to_item(m, m.idempotency_key or str(uuid.uuid4())) for m in messages]
         frame: f.Frame = (
             f.Publish(message=items[0]) if len(items) == 1 else f.PublishBatch(messages=items)
         )
