@@ -342,9 +342,9 @@ class Consumer:
                 now = broker.clock.now()
                 self._drop_expired(now)
                 free = self.window - len(self.outstanding)
-                # Refill in batches: one lease query per quarter window freed, not one per ack
+                # Refill in batches: one lease query per half window freed, not one per ack
                 # (a query per settled message made the dequeue cost per message explode).
-                if free <= 0 or (self.outstanding and free < max(1, self.window // 4)):
+                if free <= 0 or (self.outstanding and free < max(1, self.window // 2)):
                     await self._sleep(self._until_next_expiry(now))
                     continue
                 try:
