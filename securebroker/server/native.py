@@ -56,6 +56,7 @@ SERVER_NAME = "securebroker/0.1"
 MIN_POLL = 0.005
 MAX_POLL = 0.25
 RECEIVE_BATCH = 256
+REFILL_DELAY = 0.005
 LISTEN_BACKLOG = 128
 ACCEPT_BACKOFF = 0.1
 
@@ -332,6 +333,7 @@ class Consumer:
         wakeups = self.conn.server.wakeups
         wakeups.register(self.topic, self.wake)
         poll = MIN_POLL
+        batching_done = False
         try:
             while True:
                 # Clear before looking: a wake-up (settle, credit, publish) that arrives from
@@ -342,11 +344,17 @@ class Consumer:
                 now = broker.clock.now()
                 self._drop_expired(now)
                 free = self.window - len(self.outstanding)
-                # Refill in batches: one lease query per half window freed, not one per ack
-                # (a query per settled message made the dequeue cost per message explode).
-                if free <= 0 or (self.outstanding and free < max(1, self.window // 2)):
+                if free <= 0:
                     await self._sleep(self._until_next_expiry(now))
                     continue
+                # Refill in batches: a query per settled message made the dequeue cost per
+                # message explode. With little room, wait briefly for more settles (each wakes
+                # us) but never longer than REFILL_DELAY, so a client waiting for its whole
+                # credit before acking is never stalled.
+                if self.outstanding and free < max(1, self.window // 2) and not batching_done:
+                    batching_done = not await self._sleep(REFILL_DELAY)
+                    continue
+                batching_done = False
                 try:
                     batch = await broker.receive(
                         self.subscription,
@@ -379,10 +387,14 @@ class Consumer:
         soonest = min(self.outstanding.values())
         return max(0.0, min((soonest - now).total_seconds(), 1.0))
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait for a wake-up or ``seconds``; True when woken."""
+        try:
             async with asyncio.timeout(seconds):
                 await self.wake.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _deliver(self, d: Delivery) -> f.Deliver:
         return f.Deliver(

@@ -233,6 +233,21 @@ async def test_pipelined_publishes_all_confirmed(native: NativeHarness) -> None:
     assert (counts.ready, counts.leased) == (0, 0)
 
 
+async def test_consumer_fills_its_whole_credit_without_any_ack(native: NativeHarness) -> None:
+    """Refill batching must never stall a client that waits for its full credit before acking."""
+    await make_queue(native, TOPIC, SUB)
+    client = await native.connect()
+    sub = client.consume(SUB, credit=10)
+    await client.publish_batch(
+        [OutgoingMessage(TOPIC, f"a{i}".encode(), idempotency_key=f"a-{i}") for i in range(9)]
+    )
+    first = await take(sub, 9)
+    await client.publish(TOPIC, b"tenth", idempotency_key="a-9")  # one slot free, nothing acked
+    [tenth] = await take(sub, 1)
+    assert tenth.payload == b"tenth"
+    assert len({m.id for m in [*first, tenth]}) == 10
+
+
 async def test_flow_control_credit_bounds_unacked(native: NativeHarness) -> None:
     await make_queue(native, TOPIC, SUB)
     client = await native.connect()
