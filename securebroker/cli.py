@@ -220,6 +220,7 @@ def _quickstart(certs: Path, pgdata: Path, port: int) -> str:
 
 async def _dev_database(admin_uri: str, dsn: str) -> str:
     await create_database(admin_uri, dsn, DEV_DATABASE)
+    await embedded.tune(admin_uri)
     return dsn
 
 

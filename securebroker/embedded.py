@@ -45,3 +45,23 @@ def start(data_dir: Path, *, keep: bool = True) -> Any:
 def database_uri(server: Any, database: str) -> str:
     uri: str = server.get_uri(database)
     return uri
+
+
+#: Server settings for a queue workload. Autovacuum's default one-minute nap lets dead tuples of
+#: the queue tables pile up (every lease and ack leaves one), and the dequeue then walks over
+#: them; production servers should use the same (docs/operations.md).
+QUEUE_TUNING = {"autovacuum_naptime": "5s"}
+
+
+async def tune(admin_uri: str) -> None:
+    """Apply ``QUEUE_TUNING`` to an embedded server we own (ALTER SYSTEM + reload)."""
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        for name, value in QUEUE_TUNING.items():
+            # names and values are constants above, never input
+            await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()

@@ -112,6 +112,7 @@ def start_securebroker(workdir: Path, group_commit: bool = True) -> SecureBroker
     admin_uri = server.get_uri("postgres")
     dsn = embedded.database_uri(server, "securebroker")
     asyncio.run(create_database(admin_uri, dsn, "securebroker", fresh=True))
+    asyncio.run(embedded.tune(admin_uri))
     port = _free_port()
     config = workdir / "broker.toml"
     config.write_text(
