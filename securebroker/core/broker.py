@@ -193,13 +193,18 @@ class Broker:
         """Accept every message or none; confirmed only after the transaction commits."""
         if not reqs:
             return []
+        prepared = self._prepare_all(reqs, producer, scope)
+        return await self.store.publish(prepared, self.settings.idempotency_retention)
+
+    def _prepare_all(
+        self, reqs: Sequence[PublishRequest], producer: str, scope: str | None
+    ) -> list[PreparedMessage]:
         if len(reqs) > self.limits.max_batch:
             raise ValidationError(
                 f"batch of {len(reqs)} exceeds the limit of {self.limits.max_batch}"
             )
         now = self._now()
-        prepared = [self.prepare(r, producer=producer, scope=scope, now=now) for r in reqs]
-        return await self.store.publish(prepared, self.settings.idempotency_retention)
+        return [self.prepare(r, producer=producer, scope=scope, now=now) for r in reqs]
 
     def submit_publish(
         self, reqs: Sequence[PublishRequest], *, producer: str = ""
@@ -210,12 +215,7 @@ class Broker:
         """
         if not reqs:
             raise ValidationError("nothing to publish")
-        if len(reqs) > self.limits.max_batch:
-            raise ValidationError(
-                f"batch of {len(reqs)} exceeds the limit of {self.limits.max_batch}"
-            )
-        now = self._now()
-        prepared = [self.prepare(r, producer=producer, scope=None, now=now) for r in reqs]
+        prepared = self._prepare_all(reqs, producer, None)
         retention = self.settings.idempotency_retention
         submit = getattr(self.store, "submit_publish", None)
         if submit is not None:

@@ -32,6 +32,9 @@ log = logging.getLogger("securebroker.groupcommit")
 
 R = TypeVar("R")
 
+#: Failures that come from the database or the connection to it (outcome possibly unknown).
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 
 @dataclass
 class _Job(Generic[R]):
@@ -152,12 +155,11 @@ class GroupCommitStore(PostgresStore):
                 for job in jobs:
                     await self._publish_one(job)
                 continue
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 # The outcome may be unknown (connection lost during COMMIT): never retry here,
                 # where an unkeyed message could be stored twice. Fail every request in the
                 # group, unconfirmed; clients retry with the same idempotency key.
-                log.warning("group publish failed: %s", exc.__class__.__name__)
-                _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
+                _db_failed("group publish", jobs, exc)
                 continue
             _resolve(jobs, results)
 
@@ -170,9 +172,8 @@ class GroupCommitStore(PostgresStore):
             raise
         except BrokerError as exc:
             _fail([job], exc)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("publish failed: %s", exc.__class__.__name__)
-            _fail([job], Unavailable(f"database error: {exc.__class__.__name__}"))
+        except DB_ERRORS as exc:
+            _db_failed("publish", [job], exc)
         else:
             if not job.future.done():
                 job.future.set_result(result)
@@ -187,9 +188,8 @@ class GroupCommitStore(PostgresStore):
             except asyncio.CancelledError:
                 _fail(jobs, Unavailable("broker is shutting down"))
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("ack failed: %s", exc.__class__.__name__)
-                _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
+            except DB_ERRORS as exc:
+                _db_failed("ack", jobs, exc)
                 continue
             _resolve(jobs, results)
 
@@ -202,6 +202,12 @@ def _resolve(jobs: Sequence[_Job[R]], results: Sequence[R]) -> None:
         if not job.future.done():
             job.future.set_result(list(results[pos : pos + n]))
         pos += n
+
+
+def _db_failed(what: str, jobs: Sequence[_Job[R]], exc: BaseException) -> None:
+    """A database failure: every job in the group fails unconfirmed, as retryable."""
+    log.warning("%s failed: %s", what, exc.__class__.__name__)
+    _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
 
 
 def _fail(jobs: Sequence[_Job[R]], exc: BaseException) -> None:
