@@ -25,7 +25,7 @@ import click
 
 from securebroker import __version__, embedded
 from securebroker.client import Client, connect
-from securebroker.config import Config, DatabaseConfig, ListenerConfig, load
+from securebroker.config import AuthConfig, Config, DatabaseConfig, ListenerConfig, load
 from securebroker.errors import BrokerError, ConfigError
 from securebroker.secrets import ensure_random_key, read_key
 from securebroker.store.migrate import create_database, migrate_dsn
@@ -113,6 +113,14 @@ async def _serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:  # SIGHUP: policies and keys, validated before they take effect
+        task = asyncio.ensure_future(app.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if banner:
         click.echo(banner(running.native.port))
     try:
@@ -172,11 +180,17 @@ Stop with Ctrl-C.
 @friendly
 def dev(home: Path, certs: Path, port: int) -> None:
     """Everything for a newcomer: embedded PostgreSQL, dev PKI, migrations, listener."""
+    from securebroker.authz.devkit import (  # noqa: PLC0415
+        DEV_AUDIENCE,
+        DEV_ISSUER,
+        ensure_dev_auth,
+    )
     from securebroker.tls import ensure_dev_pki  # noqa: PLC0415
 
     _setup_logging("info", as_json=False)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     pki = ensure_dev_pki(certs)
+    dev_auth = ensure_dev_auth(certs, home)
     key_file = ensure_random_key(home / "fingerprint.key")
     server = embedded.start((home / "pgdata").resolve(), keep=True)
     dsn = _run(
@@ -186,6 +200,14 @@ def dev(home: Path, certs: Path, port: int) -> None:
         database=DatabaseConfig(dsn=dsn),
         listener=ListenerConfig(
             port=port, cert=str(pki.server_cert), key=str(pki.server_key), ca=str(pki.ca_cert)
+        ),
+        auth=AuthConfig(
+            policy=str(dev_auth.policy),
+            jwks_file=str(dev_auth.jwks),
+            issuer=DEV_ISSUER,
+            audience=DEV_AUDIENCE,
+            require_token=True,
+            require_bound_token=True,
         ),
     )
     config.broker.fingerprint_key_file = str(key_file)
@@ -251,6 +273,7 @@ class Target:
     ca: Path
     token: str | None
     as_json: bool = False
+    token_file: Path | None = None
 
 
 def client_options(default_identity: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -288,7 +311,19 @@ def client_options(default_identity: str) -> Callable[[Callable[..., Any]], Call
                 envvar="SECUREBROKER_CA",
                 show_default=True,
             ),
-            click.option("--token", envvar="SECUREBROKER_TOKEN", default=None, help="bearer token"),
+            click.option(
+                "--token",
+                envvar="SECUREBROKER_TOKEN",
+                default=None,
+                help="bearer token (default: minted from the dev signing key beside --cert)",
+            ),
+            click.option(
+                "--token-file",
+                type=click.Path(path_type=Path, dir_okay=False),
+                envvar="SECUREBROKER_TOKEN_FILE",
+                default=None,
+                help="file holding the bearer token (re-read on reconnect)",
+            ),
         ]
         for opt in reversed(options):
             fn = opt(fn)
@@ -298,15 +333,47 @@ def client_options(default_identity: str) -> Callable[[Callable[..., Any]], Call
 
 
 def _target(kw: dict[str, Any], as_json: bool = False) -> Target:
+    token, token_file = kw.pop("token"), kw.pop("token_file")
+    if token and token_file:
+        raise click.UsageError("pass --token or --token-file, not both")
     return Target(
         kw.pop("host"),
         kw.pop("port"),
         kw.pop("cert"),
         kw.pop("key_file"),
         kw.pop("ca"),
-        kw.pop("token"),
+        token,
         as_json,
+        token_file,
     )
+
+
+def _token_provider(t: Target) -> Callable[[], Awaitable[str]] | None:
+    """Where the CLI's token comes from: ``--token-file`` (re-read each time), else the dev
+    signing key beside ``--cert`` (a fresh 15-minute token bound to that certificate)."""
+    if t.token is not None:
+        return None
+    if t.token_file is not None:
+        path = t.token_file
+
+        async def from_file() -> str:
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError:
+                raise ConfigError(f"--token-file: cannot read {path}") from None
+
+        return from_file
+    from securebroker.authz.devkit import SIGNING_KEY, dev_token_for  # noqa: PLC0415
+
+    if not (t.cert.parent / SIGNING_KEY).exists():
+        return None
+
+    async def from_dev_key() -> str:
+        token = dev_token_for(t.cert)
+        assert token is not None
+        return token
+
+    return from_dev_key
 
 
 async def _with_client(t: Target, work: Callable[[Client], Awaitable[T]]) -> T:
@@ -316,7 +383,14 @@ async def _with_client(t: Target, work: Callable[[Client], Awaitable[T]]) -> T:
                 f"{label}: {path} not found (run `securebroker dev` first, or pass {label})"
             )
     client = await connect(
-        t.host, t.port, cert=t.cert, key=t.key, ca=t.ca, token=t.token, reconnect=False
+        t.host,
+        t.port,
+        cert=t.cert,
+        key=t.key,
+        ca=t.ca,
+        token=t.token,
+        token_provider=_token_provider(t),
+        reconnect=False,
     )
     try:
         return await work(client)
@@ -593,6 +667,155 @@ def dlq_redrive(subscription: str, message_ids: tuple[str, ...], as_json: bool, 
 @friendly
 def dlq_purge(subscription: str, as_json: bool, **kw: Any) -> None:
     _admin("dlq.purge", {"name": subscription}, _target(kw, as_json), ["purged"])
+
+
+# -- tokens and policies (offline tools) ----------------------------------------------------------
+@main.group()
+def token() -> None:
+    """Development bearer tokens (production tokens come from your identity provider)."""
+
+
+@token.command("mint")
+@click.option("--subject", "-s", required=True, help="the token's sub")
+@click.option("--role", "roles", multiple=True, help="a role claim (repeatable)")
+@click.option("--tenant", help="the tenant claim")
+@click.option("--ttl", type=float, default=900, show_default=True, help="lifetime in seconds")
+@click.option(
+    "--bind-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="bind the token to this client certificate (RFC 8705 cnf.x5t#S256)",
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEV_CERTS / "jwt-signing.key",
+    show_default=True,
+)
+@click.option("--issuer", default="securebroker-dev", show_default=True)
+@click.option("--audience", default="securebroker", show_default=True)
+@friendly
+def token_mint(
+    subject: str,
+    roles: tuple[str, ...],
+    tenant: str | None,
+    ttl: float,
+    bind_cert: Path | None,
+    signing_key: Path,
+    issuer: str,
+    audience: str,
+) -> None:
+    """Print a token signed with the dev signing key made by `securebroker dev`."""
+    from securebroker.authz.devkit import mint_dev_token  # noqa: PLC0415
+
+    if not 1 <= ttl <= 86400:
+        raise click.BadParameter("must be between 1 and 86400 seconds", param_hint="--ttl")
+    click.echo(
+        mint_dev_token(
+            signing_key,
+            subject=subject,
+            lifetime=timedelta(seconds=ttl),
+            roles=roles,
+            tenant=tenant,
+            bind_cert=bind_cert,
+            issuer=issuer,
+            audience=audience,
+        )
+    )
+
+
+@main.group()
+def policy() -> None:
+    """Validate policies and explain decisions, without a running broker."""
+
+
+policy_paths = click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True)
+)
+
+
+@policy.command("validate")
+@policy_paths
+@friendly
+def policy_validate(paths: tuple[Path, ...]) -> None:
+    """Load PATHS (files or directories of *.toml) and report the first error, if any."""
+    from securebroker.authz.policy import load_policy  # noqa: PLC0415
+
+    p = load_policy(list(paths))
+    click.echo(f"ok: {p.rule_count} rule(s) from {len(p.files)} file(s), digest {p.digest[:16]}")
+
+
+@policy.command("check")
+@click.option("--policy", "paths", multiple=True, required=True, type=click.Path(path_type=Path))
+@click.option("--subject", help="token sub (omit for a certificate-only principal)")
+@click.option("--role", "roles", multiple=True)
+@click.option("--tenant")
+@click.option("--certificate", default="", help="client-certificate identity (URI SAN or CN)")
+@click.option("--subscription", help="for consume: the subscription name")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("action", type=click.Choice(["publish", "consume", "admin"]))
+@click.argument("topic")
+@friendly
+def policy_check(
+    paths: tuple[Path, ...],
+    subject: str | None,
+    roles: tuple[str, ...],
+    tenant: str | None,
+    certificate: str,
+    subscription: str | None,
+    as_json: bool,
+    action: str,
+    topic: str,
+) -> None:
+    """Explain whether a principal may ACTION on TOPIC, and which rule decides. Exit 0 when
+    allowed, 1 when denied."""
+    from securebroker.authz.policy import load_policy  # noqa: PLC0415
+    from securebroker.server.auth import Action, Principal  # noqa: PLC0415
+    from securebroker.tls import PeerIdentity  # noqa: PLC0415
+
+    p = load_policy(list(paths))
+    peer = PeerIdentity(
+        subject="",
+        common_name=None,
+        sans=(),
+        principal=certificate,
+        thumbprint_s256="",
+        not_after=datetime.now(UTC),
+    )
+    who = Principal(
+        name=subject or certificate,
+        peer=peer,
+        subject=subject,
+        roles=frozenset(roles),
+        tenant=tenant,
+    )
+    act = Action(action)
+    decision = p.decide(who, act, topic, subscription)
+    matches = p.explain(who, act, topic, subscription)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "allowed": decision.allowed,
+                    "rule": decision.rule_id,
+                    "reason": decision.reason,
+                    "rules": [
+                        {
+                            "id": m.rule_id,
+                            "effect": str(m.effect),
+                            "applies": m.matched,
+                            "reasons": list(m.reasons),
+                        }
+                        for m in matches
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        click.echo(f"{'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}")
+        for m in matches:
+            click.echo(f"  {m}")
+    sys.exit(0 if decision.allowed else 1)
 
 
 from securebroker.bench.command import bench as bench_command  # noqa: E402

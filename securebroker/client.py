@@ -21,11 +21,13 @@ import itertools
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import jwt
 
 from securebroker.clock import from_ms, to_ms
 from securebroker.core.model import PublishRequest, PublishResult
@@ -262,12 +264,14 @@ class Client:
         reconnect: bool,
         connect_timeout: float,
         retry_for: float,
+        token_provider: TokenProvider | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._ssl = ssl_context
         self._server_hostname = server_hostname or host
         self._token = token
+        self._token_provider = token_provider
         self._reconnect = reconnect
         self._connect_timeout = connect_timeout
         self._retry_for = retry_for
@@ -404,6 +408,8 @@ class Client:
         delay = 0.05
         while not self._closed:
             try:
+                if self._token_provider is not None:
+                    self._token = await self._token_provider()
                 link = await self._open()
             except BrokerError as exc:
                 log.info("reconnect failed: %s", exc)
@@ -420,7 +426,28 @@ class Client:
             return
 
     async def start(self) -> None:
+        if self._token_provider is not None and self._token is None:
+            self._token = await self._token_provider()
         await self._attach(await self._open())
+        if self._token_provider is not None:
+            self._spawn(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        """Refresh the token in-band before it expires (at 80% of its remaining life), so a
+        long-lived connection is never closed for an expired token."""
+        while not self._closed:
+            delay = _refresh_delay(self._token)
+            if delay is None:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await asyncio.Event().wait()
+            if self._closed or self._token_provider is None:
+                return
+            try:
+                await self.refresh_token(await self._token_provider())
+            except BrokerError as exc:
+                log.warning("token refresh failed: %s", exc)
 
     # -- requests ------------------------------------------------------------------------------
     def _send_on(self, link: _Link, frame: f.Frame) -> tuple[int, asyncio.Future[f.Frame]]:
@@ -593,6 +620,27 @@ class Client:
         await self.close()
 
 
+#: returns a fresh bearer token (from your identity provider); called at connect, reconnect and
+#: before the current token expires
+TokenProvider = Callable[[], Awaitable[str]]
+
+
+def _refresh_delay(token: str | None) -> float | None:
+    """Seconds until the token should be refreshed, from its (unverified) ``exp``/``iat``."""
+    if token is None:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, int | float):
+        return None
+    now = datetime.now().timestamp()
+    start = iat if isinstance(iat, int | float) else now
+    return max(1.0, (exp - now) - 0.2 * (exp - start))
+
+
 def _reason(link: _Link) -> str:
     return f" ({link.close_reason})" if link.close_reason else ""
 
@@ -611,13 +659,17 @@ async def connect(
     key: str | Path,
     ca: str | Path,
     token: str | None = None,
+    token_provider: TokenProvider | None = None,
     server_hostname: str | None = None,
     reconnect: bool = True,
     connect_timeout: float = 10.0,
     retry_for: float = 60.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Client:
-    """Connect over mutual TLS and say HELLO; raises on refusal (never retries a refusal)."""
+    """Connect over mutual TLS and say HELLO; raises on refusal (never retries a refusal).
+
+    Pass ``token`` for a fixed bearer token, or ``token_provider`` to have the client fetch one
+    at connect and reconnect and refresh it in-band before it expires."""
     ctx = ssl_context or client_context(cert=Path(cert), key=Path(key), ca=Path(ca))
     client = Client(
         host,
@@ -628,6 +680,7 @@ async def connect(
         reconnect=reconnect,
         connect_timeout=connect_timeout,
         retry_for=retry_for,
+        token_provider=token_provider,
     )
     await client.start()
     return client

@@ -67,11 +67,57 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     json: bool = False
 
 
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Authentication (JWT bearer tokens) and authorization (policies). See docs/security.md."""
+
+    #: a policy file or a directory of ``*.toml`` policies; required: there is no allow-all mode
+    policy: str = ""
+    #: seconds between checks of the policy files for changes (SIGHUP reloads at once)
+    policy_poll_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 2.0
+    #: refuse connections that present no token (certificate-only principals when false)
+    require_token: bool = True
+    jwks_file: str = ""
+    jwks_url: str = ""
+    #: refresh the JWKS URL this often; an unknown ``kid`` refetches at most every refetch seconds
+    jwks_refresh_seconds: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 300.0
+    jwks_refetch_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    issuer: str = ""
+    audience: str = ""
+    #: allow-list of asymmetric JWS algorithms; the token header never chooses
+    algorithms: list[str] = msgspec.field(
+        default_factory=lambda: ["EdDSA", "ES256", "ES384", "PS256", "RS256"]
+    )
+    leeway_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
+    max_token_lifetime_seconds: Annotated[float, msgspec.Meta(ge=60, le=31_536_000)] = 86400.0
+    #: RFC 8705: refuse tokens that are not bound to the client certificate (``cnf.x5t#S256``)
+    require_bound_token: bool = False
+    roles_claims: list[str] = msgspec.field(default_factory=lambda: ["roles", "groups"])
+    tenant_claim: str = "tenant"
+
+    def validate(self) -> None:
+        """Checked when the broker builds its authentication (``serve``), not by ``load``: tools
+        that never authenticate anyone (``migrate``) need no ``[auth]`` section."""
+        if not self.policy:
+            raise ConfigError(
+                "auth.policy: required (a policy file or directory; access is denied by default)"
+            )
+        has_keys = bool(self.jwks_file or self.jwks_url)
+        if self.require_token and not has_keys:
+            raise ConfigError("auth.jwks_file: required when auth.require_token is true")
+        if has_keys and not self.issuer:
+            raise ConfigError("auth.issuer: required to verify tokens")
+        if has_keys and not self.audience:
+            raise ConfigError("auth.audience: required to verify tokens")
+        if self.require_bound_token and not has_keys:
+            raise ConfigError("auth.require_bound_token: needs auth.jwks_file or auth.jwks_url")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     listener: ListenerConfig = msgspec.field(default_factory=ListenerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
     def core_settings(self) -> CoreSettings:
         b = self.broker

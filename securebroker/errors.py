@@ -19,9 +19,11 @@ class BrokerError(Exception):
     #: True when a client may retry the same request unchanged (after reconnecting).
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: the specific reason, for logs and the audit trail only; never sent to the peer
+        self.detail = detail
 
     def __str__(self) -> str:
         return self.message
@@ -149,10 +151,12 @@ def _catalogue() -> dict[int, type[BrokerError]]:
     stack: list[type[BrokerError]] = [BrokerError]
     while stack:
         cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if "wire" not in cls.__dict__:
+            continue  # a refinement that shares its parent's wire code (e.g. PolicyError)
         if cls.wire in out and out[cls.wire] is not cls:
             raise AssertionError(f"duplicate wire code {cls.wire}: {cls} and {out[cls.wire]}")
         out[cls.wire] = cls
-        stack.extend(cls.__subclasses__())
     return out
 
 

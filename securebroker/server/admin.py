@@ -7,6 +7,7 @@ Arguments are checked here with clear errors, since they come straight from the 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -14,7 +15,7 @@ from typing import Any
 
 from securebroker.core.broker import Broker
 from securebroker.core.model import DeadLetter, SubscriptionInfo, TopicInfo
-from securebroker.errors import ValidationError
+from securebroker.errors import AuthorizationError, ValidationError
 from securebroker.server.auth import Action, Authorizer, Principal
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -107,6 +108,11 @@ def _ids(args: Mapping[str, Any], key: str) -> list[uuid.UUID] | None:
         raise ValidationError(f"argument {key!r} holds an invalid message id") from None
 
 
+#: ``(action, topic, subscription)`` -> None, or raises ``AuthorizationError``
+Check = Callable[[Action, str, str | None], None]
+_LISTS = frozenset({"topic.list", "subscription.list"})
+
+
 class AdminService:
     def __init__(self, broker: Broker, authorizer: Authorizer) -> None:
         self.broker = broker
@@ -130,18 +136,42 @@ class AdminService:
     def operations(self) -> list[str]:
         return sorted(self._ops)
 
-    async def call(self, principal: Principal, op: str, args: Mapping[str, Any]) -> Any:
+    async def call(
+        self,
+        principal: Principal,
+        op: str,
+        args: Mapping[str, Any],
+        authorize: Check | None = None,
+    ) -> Any:
+        """Run ``op`` if ``principal`` may administer the topic it touches. List operations show
+        only the topics (and their subscriptions) the principal may administer. ``authorize``
+        lets a front door route the check through its own cache and denial reporting."""
         entry = self._ops.get(op)
         if entry is None:
             raise ValidationError(f"unknown admin operation {op!r}")
+        check = authorize or functools.partial(self.authorizer.authorize, principal)
         handler, resource_arg = entry
-        resource = "*"
         if resource_arg is not None:
-            resource = _str(args, resource_arg)
-        elif "name" in args and op.startswith(("subscription.", "dlq.")):
-            resource = await self._topic_of(_str(args, "name"))
-        self.authorizer.authorize(principal, Action.ADMIN, resource)
-        return await handler(args)
+            check(Action.ADMIN, _str(args, resource_arg), None)
+        elif op in _LISTS:
+            topic = args.get("topic")
+            if isinstance(topic, str):
+                check(Action.ADMIN, topic, None)
+        else:
+            name = _str(args, "name")
+            check(Action.ADMIN, await self._topic_of(name), name)
+        result = await handler(args)
+        if op in _LISTS:
+            result = [r for r in result if self._may_admin(principal, r)]
+        return result
+
+    def _may_admin(self, principal: Principal, row: Mapping[str, Any]) -> bool:
+        topic = row["topic"] if "topic" in row else row["name"]
+        try:
+            self.authorizer.authorize(principal, Action.ADMIN, topic)
+        except AuthorizationError:
+            return False
+        return True
 
     async def _topic_of(self, subscription: str) -> str:
         return (await self.broker.get_subscription(subscription)).topic

@@ -17,17 +17,13 @@ from pathlib import Path
 
 import asyncpg
 
+from securebroker.authz.service import Auth, build_auth
 from securebroker.clock import Clock
 from securebroker.config import Config
 from securebroker.core.broker import Broker
 from securebroker.errors import ConfigError, Unavailable
 from securebroker.server.admin import AdminService
-from securebroker.server.auth import (
-    AllowAll,
-    Authenticator,
-    Authorizer,
-    CertificateAuthenticator,
-)
+from securebroker.server.auth import Authenticator, Authorizer
 from securebroker.server.native import ListenerSettings, NativeServer, Wakeups
 from securebroker.store.group import GroupCommitStore
 from securebroker.store.migrate import MigrationError, pending
@@ -44,7 +40,7 @@ class Running:
     store: PostgresStore
 
 
-def listener_settings(config: Config) -> ListenerSettings:
+def listener_settings(config: Config, token_grace: float = 0.0) -> ListenerSettings:
     lc = config.listener
     for key in ("cert", "key", "ca"):
         if not getattr(lc, key):
@@ -64,6 +60,7 @@ def listener_settings(config: Config) -> ListenerSettings:
         idle_timeout=lc.idle_timeout_ms / 1000,
         max_connections=lc.max_connections,
         max_connections_per_identity=lc.max_connections_per_identity,
+        token_grace=token_grace,
     )
 
 
@@ -74,20 +71,24 @@ class BrokerApp:
         *,
         fingerprint_key: bytes,
         clock: Clock | None = None,
-        authenticator: Authenticator | None = None,
-        authorizer: Authorizer | None = None,
+        auth: Auth | None = None,
     ) -> None:
+        """``auth`` defaults to what ``config.auth`` describes (JWT + policies); there is no
+        allow-all default."""
         self.config = config
         self.fingerprint_key = fingerprint_key
         self.clock = clock
-        self.authenticator = authenticator or CertificateAuthenticator()
-        self.authorizer = authorizer or AllowAll()
+        self.auth = auth or build_auth(config.auth)
+        self.authenticator: Authenticator = self.auth.authenticator
+        self.authorizer: Authorizer = self.auth.authorizer
         self.running: Running | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> Running:
-        settings = listener_settings(self.config)
+        settings = listener_settings(self.config, self.auth.token_grace)
+        await self.auth.authenticator.start()  # a missing or broken JWKS stops startup here
         db = self.config.database
         b = self.config.broker
         store: PostgresStore
@@ -125,6 +126,7 @@ class BrokerApp:
             raise
         self.running = Running(broker, native, store)
         self._maintenance = asyncio.ensure_future(self._maintain(broker))
+        self._watch = asyncio.ensure_future(self._watch_auth())
         log.info("native listener on %s:%d", settings.host, native.port)
         return self.running
 
@@ -148,14 +150,40 @@ class BrokerApp:
                 async with asyncio.timeout(b.sweep_interval_ms / 1000):
                     await self._stop.wait()
 
+    async def reload(self) -> None:
+        """SIGHUP: reload policies and keys now. Bad files are rejected; the old ones stay."""
+        self.auth.reload_policies()
+        await self.auth.authenticator.refresh_keys()
+
+    async def _watch_auth(self) -> None:
+        """Reload policies when their files change; refresh the JWKS URL periodically. (The JWKS
+        file is re-checked on every HELLO/AUTH, which is cheap: a ``stat``.)"""
+        cfg = self.config.auth
+        loop = asyncio.get_running_loop()
+        next_jwks = loop.time() + cfg.jwks_refresh_seconds
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cfg.policy_poll_seconds):
+                    await self._stop.wait()
+            try:
+                if self.auth.policies.changed_on_disk():
+                    self.auth.reload_policies()
+                verifier = self.auth.authenticator.verifier
+                if verifier is not None and loop.time() >= next_jwks:
+                    next_jwks = loop.time() + cfg.jwks_refresh_seconds
+                    await verifier.keys.fetch_url(force=True)
+            except OSError as exc:
+                log.warning("policy/key watch failed, will retry: %s", exc.__class__.__name__)
+
     async def stop(self, grace: float = 10.0) -> None:
         self._stop.set()
         running, self.running = self.running, None
         if running is not None:
             await running.native.close(grace)
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        for task in (self._maintenance, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if running is not None:
             await running.store.close()

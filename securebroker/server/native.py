@@ -27,9 +27,9 @@ import socket
 import ssl
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from securebroker.clock import from_ms, to_ms
@@ -37,10 +37,12 @@ from securebroker.core.broker import Broker
 from securebroker.core.model import Delivery, NackRef, PublishRequest, SettleRef
 from securebroker.errors import (
     AuthenticationError,
+    AuthorizationError,
     BrokerError,
     InternalError,
     ProtocolError,
     ResourceExhausted,
+    TokenExpired,
     Unavailable,
     ValidationError,
 )
@@ -53,6 +55,8 @@ from securebroker.tls import PeerIdentity, identity_from_ssl_object
 log = logging.getLogger("securebroker.native")
 
 SERVER_NAME = "securebroker/0.1"
+#: authorization decisions kept per connection (cleared whole when full)
+DECISION_CACHE_SIZE = 4096
 MIN_POLL = 0.005
 MAX_POLL = 0.25
 RECEIVE_BATCH = 256
@@ -73,6 +77,8 @@ class ListenerSettings:
     max_connections_per_identity: int = 100
     max_inflight: int = 1024
     limits: f.Limits = field(default_factory=f.Limits)
+    #: seconds past a token's ``exp`` before its connection is closed (the verifier's leeway)
+    token_grace: float = 0.0
 
 
 class Wakeups:
@@ -150,6 +156,8 @@ class NativeServer:
         self.closing = False
         #: handshake and connection-level failures, for the audit seam and tests
         self.on_refused: Callable[[str, str], None] = lambda peer, reason: None
+        #: authorization denials ``(peer, principal, reason)``, for the audit seam and tests
+        self.on_denied: Callable[[str, str, str], None] = lambda peer, principal, reason: None
 
     @property
     def port(self) -> int:
@@ -356,6 +364,9 @@ class Consumer:
                     continue
                 batching_done = False
                 try:
+                    # a cached lookup; re-decided after a policy reload or token refresh, so a
+                    # revoked grant stops deliveries
+                    self.conn._authorize(Action.CONSUME, self.topic, self.subscription)
                     batch = await broker.receive(
                         self.subscription,
                         min(free, RECEIVE_BATCH),
@@ -432,6 +443,12 @@ class Connection:
         self.peer = peer
         self.session = f"{number:x}-{uuid.uuid4().hex[:8]}"
         self.principal: Principal | None = None
+        #: authorization decisions of this connection's principal, valid for one policy generation
+        self._decisions: dict[tuple[Action, str, str | None], BrokerError | None] = {}
+        self._decisions_generation = -1
+        self._expiry: asyncio.TimerHandle | None = None
+        #: subscription -> topic, for authorizing settles
+        self._sub_topics: dict[str, str] = {}
         self.decoder = codec.FrameDecoder(role="server", limits=server.settings.limits)
         self.consumers: dict[int, Consumer] = {}
         self.subscribe_request: dict[int, int] = {}
@@ -524,6 +541,8 @@ class Connection:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for c in list(self.consumers.values()):
             if c.task is not None:
                 c.task.cancel()
@@ -585,10 +604,11 @@ class Connection:
                 self.identity, frame.token
             )
         except BrokerError as exc:
-            self.server.on_refused(self.peer, f"authentication failed: {exc}")
+            self.server.on_refused(self.peer, f"authentication failed: {exc.detail or exc}")
             self.send(_error_frame(exc), rid)
             self._closing = True
             return
+        self._arm_expiry()
         s = self.server.settings
         self.send(
             f.Welcome(
@@ -604,14 +624,46 @@ class Connection:
         )
 
     async def _auth(self, token: str, rid: int) -> None:
+        """In-band token refresh: same subject (and, for bound tokens, this connection's
+        certificate, which the authenticator checks); decisions are re-made under the new token."""
+        old = self.principal
+        assert old is not None
         try:
-            self.principal = await self.server.authenticator.authenticate(self.identity, token)
+            new = await self.server.authenticator.authenticate(self.identity, token)
+            if old.subject is not None and new.subject != old.subject:
+                raise AuthenticationError(
+                    "authentication failed", detail="token refresh names a different subject"
+                )
         except BrokerError as exc:
-            self.server.on_refused(self.peer, f"token refresh failed: {exc}")
+            self.server.on_refused(self.peer, f"token refresh failed: {exc.detail or exc}")
             self.send(_error_frame(exc), rid)
-            self._closing = True
+            self.begin_close(exc.wire, "token refresh failed")
             return
+        self.principal = new
+        self._decisions.clear()
+        self._arm_expiry()
         self.send(f.Ok(), rid)
+
+    def _arm_expiry(self) -> None:
+        """Close the connection when its token expires without a refresh (DESIGN §4)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        assert self.principal is not None
+        expires = self.principal.token_expires_at
+        if expires is None:
+            return
+        grace = self.server.settings.token_grace
+        delay = (expires - datetime.now(UTC)).total_seconds() + grace
+        self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.0), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self.server.on_refused(
+            self.peer, f"token of {self.principal_name!r} expired on a live connection"
+        )
+        self.send(_error_frame(TokenExpired("token expired; refresh it with AUTH")), 0)
+        self.begin_close(TokenExpired.wire, "token expired")
 
     async def _spawn(self, work: Awaitable[None]) -> None:
         await self._slots.acquire()
@@ -679,9 +731,47 @@ class Connection:
             reply = _error_frame(InternalError("internal error"))
         self.send(reply, rid)
 
-    def _authorize(self, action: Action, resource: str) -> None:
-        assert self.principal is not None
-        self.server.authorizer.authorize(self.principal, action, resource)
+    def _authorize(self, action: Action, topic: str, subscription: str | None = None) -> None:
+        """Ask the authorizer once per (action, topic, subscription) and policy generation: the
+        hot path pays a dict lookup, not a policy evaluation, per message."""
+        principal = self.principal
+        assert principal is not None
+        authorizer = self.server.authorizer
+        generation = authorizer.generation
+        if generation != self._decisions_generation:
+            self._decisions.clear()
+            self._decisions_generation = generation
+        key = (action, topic, subscription)
+        try:
+            denied = self._decisions[key]
+        except KeyError:
+            try:
+                authorizer.authorize(principal, action, topic, subscription)
+                denied = None
+            except AuthorizationError as exc:
+                denied = exc
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = denied
+        if denied is not None:
+            self.server.on_denied(self.peer, principal.name, denied.detail or denied.message)
+            raise AuthorizationError(denied.message, detail=denied.detail)
+
+    async def _settle_topic(self, subscription: str) -> str:
+        for c in self.consumers.values():
+            if c.subscription == subscription:
+                return c.topic
+        topic = self._sub_topics.get(subscription)
+        if topic is None:
+            topic = (await self.server.broker.get_subscription(subscription)).topic
+            if len(self._sub_topics) >= DECISION_CACHE_SIZE:
+                self._sub_topics.clear()
+            self._sub_topics[subscription] = topic
+        return topic
+
+    async def _authorize_settle(self, subscriptions: Iterable[str]) -> None:
+        for sub in set(subscriptions):
+            self._authorize(Action.CONSUME, await self._settle_topic(sub), sub)
 
     async def _handle(self, frame: f.Frame) -> f.Frame:
         broker = self.server.broker
@@ -689,6 +779,7 @@ class Connection:
         assert principal is not None
         match frame:
             case f.Ack(items=items):
+                await self._authorize_settle(i.subscription for i in items)
                 refs = [
                     SettleRef(
                         i.subscription,
@@ -699,6 +790,7 @@ class Connection:
                 ]
                 return self._settled(refs, await broker.ack_batch(refs))
             case f.Nack(items=items):
+                await self._authorize_settle(i.subscription for i in items)
                 nrefs = [
                     NackRef(
                         i.subscription,
@@ -711,6 +803,7 @@ class Connection:
                 ]
                 return self._settled(nrefs, await broker.nack_batch(nrefs))
             case f.Extend():
+                await self._authorize_settle([frame.subscription])
                 ref = SettleRef(
                     frame.subscription,
                     _uuid(frame.message_id, "message_id"),
@@ -722,7 +815,9 @@ class Connection:
                         c.outstanding[ref.message_id] = until
                 return f.Extended(lease_expires_ms=to_ms(until))
             case f.Admin(op=op, args=args):
-                result: Any = await self.server.admin.call(principal, op, args)
+                result: Any = await self.server.admin.call(
+                    principal, op, args, authorize=self._authorize
+                )
                 return f.AdminResult(result=result)
         raise ProtocolError(f"unexpected {frame.NAME} frame")
 
@@ -745,7 +840,7 @@ class Connection:
     async def _subscribe(self, frame: f.Subscribe, rid: int) -> None:
         try:
             info = await self.server.broker.get_subscription(frame.subscription)
-            self._authorize(Action.CONSUME, info.topic)
+            self._authorize(Action.CONSUME, info.topic, frame.subscription)
             lease = None if frame.lease_ms is None else timedelta(milliseconds=frame.lease_ms)
             if lease is not None and not (timedelta(seconds=1) <= lease <= timedelta(hours=12)):
                 raise ValidationError("lease must be between 1 second and 12 hours")

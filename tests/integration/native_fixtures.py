@@ -25,14 +25,19 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from securebroker.client import Client, connect
+from securebroker.client import Client, TokenProvider, connect
 from securebroker.clock import ManualClock
 from securebroker.core.broker import Broker
 from securebroker.core.model import SubscriptionCounts
 from securebroker.protocol import PREAMBLE, FrameDecoder, Hello, encode
 from securebroker.protocol import frames as f
 from securebroker.server.admin import AdminService
-from securebroker.server.auth import AllowAll, CertificateAuthenticator
+from securebroker.server.auth import (
+    AllowAll,
+    Authenticator,
+    Authorizer,
+    CertificateAuthenticator,
+)
 from securebroker.server.native import Connection, Consumer, ListenerSettings, NativeServer
 from securebroker.store.group import GroupCommitStore
 from securebroker.store.postgres import PostgresStore
@@ -69,6 +74,8 @@ class NativeHarness:
     clock: ManualClock
     tls: TlsMaterial
     refusals: list[tuple[str, str]] = field(default_factory=list)
+    #: authorization denials ``(principal, reason)`` reported through ``NativeServer.on_denied``
+    denials: list[tuple[str, str]] = field(default_factory=list)
     clients: list[Client] = field(default_factory=list)
     _refused: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -88,8 +95,10 @@ class NativeHarness:
         ssl_context: ssl.SSLContext | None = None,
         reconnect: bool = True,
         retry_for: float = IO_TIMEOUT,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
     ) -> Client:
-        """An SDK client over mutual TLS; closed at teardown."""
+        """An SDK client over mutual TLS (with a bearer token, if given); closed at teardown."""
         cert, key = self.tls.pki.clients.get(name, (Path("unused"), Path("unused")))
         async with asyncio.timeout(IO_TIMEOUT):
             client = await connect(
@@ -102,6 +111,8 @@ class NativeHarness:
                 reconnect=reconnect,
                 connect_timeout=IO_TIMEOUT,
                 retry_for=retry_for,
+                token=token,
+                token_provider=token_provider,
             )
         self.clients.append(client)
         return client
@@ -158,6 +169,9 @@ class NativeHarness:
         return n
 
     # -- refusals -------------------------------------------------------------------------------
+    def _on_denied(self, peer: str, principal: str, reason: str) -> None:
+        self.denials.append((principal, reason))
+
     def _on_refused(self, peer: str, reason: str) -> None:
         self.refusals.append((peer, reason))
         self._refused.set()
@@ -238,8 +252,13 @@ async def start_native(
     pg_dsn: str, clock: ManualClock, tls_material: TlsMaterial, **overrides: Any
 ) -> NativeHarness:
     """A started NativeServer on ``pg_dsn``; ``overrides`` go to ``ListenerSettings``
-    (plus ``min_tls`` for the server's TLS context). Stop it with ``stop_native``."""
+    (plus ``min_tls`` for the server's TLS context, and ``authenticator``/``authorizer``, which
+    default to certificate identity and allow-all). Stop it with ``stop_native``."""
     pki = tls_material.pki
+    authenticator: Authenticator = (
+        overrides.pop("authenticator", None) or CertificateAuthenticator()
+    )
+    authorizer: Authorizer = overrides.pop("authorizer", None) or AllowAll()
     # Group commit, as the broker runs by default (the contract suite covers the plain store).
     store: PostgresStore = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=20)
     try:
@@ -255,16 +274,16 @@ async def start_native(
             **{"ssl_context": ctx, "host": "127.0.0.1", "port": 0, "handshake_timeout": IO_TIMEOUT}
             | overrides
         )
-        authorizer = AllowAll()
         server = NativeServer(
             broker,
             settings,
-            authenticator=CertificateAuthenticator(),
+            authenticator=authenticator,
             authorizer=authorizer,
             admin=AdminService(broker, authorizer),
         )
         harness = NativeHarness(server, broker, store, clock, tls_material)
         server.on_refused = harness._on_refused
+        server.on_denied = harness._on_denied
         await server.start()
     except BaseException:
         await store.close()
