@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from securebroker import embedded
-from securebroker.bench import sbdriver
+from securebroker.bench import authsetup, sbdriver
 from securebroker.bench.stats import CpuMeter, pids_named
 from securebroker.client import connect
 from securebroker.secrets import ensure_random_key
@@ -105,8 +105,12 @@ def _free_port() -> int:
         return port
 
 
-def start_securebroker(workdir: Path, group_commit: bool = True) -> SecureBrokerUnderTest:
+def start_securebroker(
+    workdir: Path, group_commit: bool = True, auth: str = "on"
+) -> SecureBrokerUnderTest:
     pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
+    cert, ckey = pki.clients["bench-client"]
+    auth_section, token = authsetup.configure(workdir, cert, auth)
     key = ensure_random_key(workdir / "fingerprint.key")
     server = embedded.start(workdir / "pgdata", keep=False)
     admin_uri = server.get_uri("postgres")
@@ -135,6 +139,8 @@ max_connections_per_identity = 1000
 
 [logging]
 level = "warning"
+
+{auth_section}
 """
     )
     log = (workdir / "broker.log").open("wb")
@@ -151,21 +157,22 @@ level = "warning"
         if proc.poll() is not None:
             raise RuntimeError(f"broker exited: {(workdir / 'broker.log').read_text()[-2000:]}")
         time.sleep(0.1)  # waiting for an external process to listen; not test synchronisation
-    cert, ckey = pki.clients["bench-client"]
+    tls = {"cert": str(cert), "key": str(ckey), "ca": str(pki.ca_cert)}
+    if token is not None:
+        tls["token"] = token
     return SecureBrokerUnderTest(
-        workdir,
-        dsn,
-        admin_uri,
-        server.get_postmaster_info().pid,
-        proc,
-        port,
-        {"cert": str(cert), "key": str(ckey), "ca": str(pki.ca_cert)},
+        workdir, dsn, admin_uri, server.get_postmaster_info().pid, proc, port, tls
     )
 
 
 async def _admin(sb: SecureBrokerUnderTest, ops: Sequence[tuple[str, dict[str, Any]]]) -> None:
     client = await connect(
-        "127.0.0.1", sb.port, cert=sb.tls["cert"], key=sb.tls["key"], ca=sb.tls["ca"]
+        "127.0.0.1",
+        sb.port,
+        cert=sb.tls["cert"],
+        key=sb.tls["key"],
+        ca=sb.tls["ca"],
+        token=sb.tls.get("token"),
     )
     try:
         for op, args in ops:
@@ -294,7 +301,7 @@ def _peer_ready(target: str) -> str | None:
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Run {meta['started']} on {meta['machine']} ({meta['mode']} mode), "
-        f"command `{meta['command']}`.",
+        f"command `{meta['command']}`; securebroker ACLs {meta.get('securebroker_auth', 'on')}.",
         "",
         "| workload | target | publish msg/s | consume msg/s | confirm p50/p99/p99.9 ms "
         "| e2e p50/p99/p99.9 ms | CPU µs/msg | errors |",
@@ -322,12 +329,18 @@ def _pct(p: dict[str, float] | None) -> str:
 
 
 def run_all(
-    *, quick: bool, targets: Sequence[str], workloads: Sequence[str], out_dir: Path
+    *,
+    quick: bool,
+    targets: Sequence[str],
+    workloads: Sequence[str],
+    out_dir: Path,
+    auth: str = "on",
 ) -> Path:
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.machine()}",
         "mode": "quick" if quick else "full",
+        "securebroker_auth": auth,
         "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
     }
     params = plan(quick)
@@ -337,7 +350,7 @@ def run_all(
     try:
         needs_pg = "securebroker" in targets or "pgqueuer" in targets
         if needs_pg:
-            sb = start_securebroker(work)
+            sb = start_securebroker(work, auth=auth)
         for wl in workloads:
             spec = params[wl]
             for target in targets:

@@ -60,6 +60,7 @@ async def _client(cfg: dict[str, Any]) -> Client:
         cert=tls["cert"],
         key=tls["key"],
         ca=tls["ca"],
+        token=tls.get("token"),
         reconnect=False,
         connect_timeout=60,
     )
