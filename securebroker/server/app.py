@@ -64,6 +64,14 @@ def listener_settings(config: Config, token_grace: float = 0.0) -> ListenerSetti
     )
 
 
+def _log_refused(peer: str, reason: str) -> None:
+    log.warning("refused %s: %s", peer, reason)
+
+
+def _log_denied(peer: str, principal: str, reason: str) -> None:
+    log.warning("denied %s (%s): %s", principal, peer, reason)
+
+
 class BrokerApp:
     def __init__(
         self,
@@ -120,6 +128,9 @@ class BrokerApp:
                 admin=AdminService(broker, self.authorizer),
                 wakeups=Wakeups(),
             )
+            # the specific reasons, which peers never see (the audit trail takes them over in #7)
+            native.on_refused = _log_refused
+            native.on_denied = _log_denied
             await native.start()
         except BaseException:
             await store.close()

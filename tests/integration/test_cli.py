@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,19 @@ class DevBroker:
     certs: Path
     cwd: Path
     banner: str
+    home: Path
+    log: list[str] = field(default_factory=list)
+    logged: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_log(self, needle: str, after: int = 0) -> str:
+        """Wait (bounded) for a server log line containing ``needle``, from line ``after`` on."""
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            while True:
+                for line in self.log[after:]:
+                    if needle in line:
+                        return line
+                self.logged.clear()
+                await self.logged.wait()
 
     def tls(self, identity: str) -> list[str]:
         return [
@@ -120,40 +133,49 @@ def dev_home() -> Iterator[Path]:
 @pytest.fixture
 async def dev_broker(tmp_path: Path, dev_home: Path) -> AsyncIterator[DevBroker]:
     certs = tmp_path / "certs"
-    err_log = tmp_path / "dev-stderr.log"
-    with err_log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *_command(),
-            "dev",
-            "--home",
-            str(dev_home),
-            "--certs",
-            str(certs),
-            "--port",
-            "0",
-            cwd=tmp_path,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    proc = await asyncio.create_subprocess_exec(
+        *_command(),
+        "dev",
+        "--home",
+        str(dev_home),
+        "--certs",
+        str(certs),
+        "--port",
+        "0",
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log: list[str] = []
+    logged = asyncio.Event()
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            log.append(line.decode(errors="replace"))
+            logged.set()
+
+    reader = asyncio.ensure_future(read_stderr())
     try:
         assert proc.stdout is not None
         lines: list[str] = []
         async with asyncio.timeout(START_TIMEOUT):
             while not any("Stop with Ctrl-C" in line for line in lines):
                 line = (await proc.stdout.readline()).decode()
-                assert line, f"dev exited early:\n{''.join(lines)}\n{err_log.read_text()}"
+                assert line, f"dev exited early:\n{''.join(lines)}\n{''.join(log)}"
                 lines.append(line)
         banner = "".join(lines)
         match = re.search(r"native listener\s+127\.0\.0\.1:(\d+)", banner)
         assert match, banner
         port = int(match.group(1))
         assert port != 0
-        yield DevBroker(proc, port, certs, tmp_path, banner)
+        yield DevBroker(proc, port, certs, tmp_path, banner, dev_home, log, logged)
     finally:
         with contextlib.suppress(ProcessLookupError):
             await _stop(proc)
+        await reader
 
 
 async def test_cli_against_dev_broker(dev_broker: DevBroker) -> None:
@@ -246,3 +268,77 @@ async def test_cli_against_dev_broker(dev_broker: DevBroker) -> None:
     assert await _stop(d.proc) == 0
     code, _, err = await d.run("topics", "list", identity="dev-admin")
     assert code != 0 and err.startswith("error: unavailable:") and err.count("\n") == 1, err
+
+
+DENY_DEMO = """
+[[rules]]
+id = "freeze-demo"
+effect = "deny"
+actions = ["publish"]
+topics = ["demo.#"]
+any_principal = true
+"""
+
+
+async def test_dev_broker_enforces_tokens_and_reloads_policy(dev_broker: DevBroker) -> None:
+    """``dev`` runs the production auth path: bound tokens minted by the CLI, the dev policy,
+    opaque refusals with specific server-side reasons, and policy reloads on SIGHUP that
+    validate before they take effect."""
+    d = dev_broker
+    ok = ("publish", "demo.orders", "--data", "x")
+    assert (await d.ok(*ok)).strip()
+
+    # a garbage token: opaque error for the client, specific reason in the server log
+    mark = len(d.log)
+    code, out, err = await d.run(*ok, "--token", "not-a-jwt")
+    assert code != 0 and out == ""
+    assert err == "error: unauthenticated: authentication failed\n", err
+    assert "malformed token" in await d.wait_log("authentication failed: malformed token", mark)
+
+    # a valid token for a subject the policy does not grant: forbidden, and logged as denied
+    cert = str(d.certs / "dev-client.pem")
+    intruder = (
+        await d.ok(
+            "token", "mint", "-s", "intruder", "--bind-cert", cert,
+            "--signing-key", str(d.certs / "jwt-signing.key"), identity=None,
+        )
+    ).strip()  # fmt: skip
+    mark = len(d.log)
+    code, _, err = await d.run(*ok, "--token", intruder)
+    assert code != 0 and err.startswith("error: forbidden: publish on topic 'demo.orders'"), err
+    assert "no rule grants publish" in await d.wait_log("denied intruder", mark)
+
+    # the dev-client's token, bound to dev-client, presented with dev-admin's certificate
+    client_token = (
+        await d.ok(
+            "token", "mint", "-s", "dev-client", "--bind-cert", cert,
+            "--signing-key", str(d.certs / "jwt-signing.key"), identity=None,
+        )
+    ).strip()  # fmt: skip
+    mark = len(d.log)
+    code, _, err = await d.run(*ok, "--token", client_token, identity="dev-admin")
+    assert code != 0 and "authentication failed" in err
+    await d.wait_log("bound to another certificate", mark)
+
+    # a broken policy file is rejected on SIGHUP and the old policy stays in force
+    policy = d.home / "policy" / "dev.toml"
+    original = policy.read_text()
+    policy.write_text(original + "\n[[rules]]\nid = broken\n")
+    mark = len(d.log)
+    d.proc.send_signal(signal.SIGHUP)
+    line = await d.wait_log("policy not reloaded", mark)
+    assert "dev.toml" in line
+    assert (await d.ok(*ok)).strip()
+
+    # a valid change takes effect on SIGHUP without a restart
+    policy.write_text(original + DENY_DEMO)
+    mark = len(d.log)
+    d.proc.send_signal(signal.SIGHUP)
+    await d.wait_log("policy reloaded: 3 rule(s)", mark)
+    code, _, err = await d.run(*ok)
+    assert code != 0 and err.startswith("error: forbidden:"), err
+    # ...and reverting it through the file watcher alone (no signal) restores access
+    policy.write_text(original)
+    mark = len(d.log)
+    await d.wait_log("policy reloaded: 2 rule(s)", mark)
+    assert (await d.ok(*ok)).strip()
