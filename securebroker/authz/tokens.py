@@ -194,10 +194,12 @@ class KeySource:
         stamp = self._stamp()
         if stamp == self._file_stamp and not force:
             return False
+        # Remember this state even if it is broken: a bad file is reported once per change,
+        # not re-parsed on every HELLO until someone fixes it.
+        self._file_stamp = stamp
         if stamp is None:
             raise ConfigError(f"auth.jwks_file: {self.file} not found")
         keys = parse_jwks(self.file.read_bytes(), self.allowed, source=str(self.file))
-        self._file_stamp = stamp
         if _fingerprint(keys) != _fingerprint(self._file_keys):
             self._file_keys = keys
             self.generation += 1
@@ -292,7 +294,7 @@ class TokenVerifier:
         if not isinstance(kid, str) or not kid:
             raise auth_failed("token has no kid")
         alg = header.get("alg")
-        if alg not in s.algorithms:
+        if not isinstance(alg, str) or alg not in s.algorithms:
             raise auth_failed(f"token algorithm {str(alg)[:16]!r} is not allowed")
         key = await self.keys.get(kid)
         if key is None:

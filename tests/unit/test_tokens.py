@@ -288,6 +288,20 @@ async def test_file_source_reloads_on_change_and_keeps_keys_on_a_broken_file(
         src.reload_file(force=True)
 
 
+async def test_a_broken_jwks_file_is_reported_once_per_change(
+    tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_jwks(tmp_path / "jwks.json", public_jwk(ed_key.public_key(), "k1"))
+    src = KeySource(ALL, file=path)
+    await src.start()
+    path.write_text("{broken")
+    for _ in range(5):
+        assert await src.get("k1") is not None
+    assert [r.message for r in caplog.records].count(
+        f"JWKS file not reloaded, keeping the previous keys: JWKS {path}: not valid JSON"
+    ) == 1
+
+
 async def test_missing_jwks_file_stops_startup(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         await KeySource(ALL, file=tmp_path / "absent.json").start()
