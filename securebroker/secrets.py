@@ -30,14 +30,19 @@ def ensure_random_key(path: Path, nbytes: int = 32) -> Path:
     return path
 
 
-def read_key(path: Path, *, setting: str, min_bytes: int = 16) -> bytes:
-    """Read a hex key file; refuse one that group or others may read."""
+def check_private(path: Path, *, setting: str, hint: str = "") -> None:
+    """Refuse a missing key file, or one that group or others may access."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ConfigError(f"{setting}: file not found: {path}") from None
+        raise ConfigError(f"{setting}: file not found: {path}{hint}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"{setting}: {path} is accessible by other users; chmod 600 it")
+
+
+def read_key(path: Path, *, setting: str, min_bytes: int = 16) -> bytes:
+    """Read a hex key file; refuse one that group or others may read."""
+    check_private(path, setting=setting)
     try:
         key = bytes.fromhex(path.read_text(encoding="ascii").strip())
     except (ValueError, UnicodeDecodeError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import stat
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from securebroker.authz.tokens import mint_token
 from securebroker.errors import ConfigError
-from securebroker.secrets import write_private
+from securebroker.secrets import check_private, write_private
 from securebroker.tls import peer_identity
 
 DEV_ISSUER = "securebroker-dev"
@@ -104,12 +103,7 @@ def ensure_dev_auth(certs: Path, home: Path) -> DevAuth:
 
 
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"signing key not found: {path} (run `securebroker dev` first)") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"signing key {path} is accessible by other users; chmod 600 it")
+    check_private(path, setting="signing key", hint=" (run `securebroker dev` first)")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except ValueError:
