@@ -11,3 +11,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
   touch "$stamp"
 fi
+# SoftHSM2 for the PKCS#11 keyring tests (tests/integration/test_keyring_contract.py): install
+# it when missing and we can (root on Debian/Ubuntu); refresh the package lists only if needed.
+if ! command -v softhsm2-util >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+  apt_softhsm() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends softhsm2 >/dev/null; }
+  apt_softhsm 2>/dev/null \
+    || { DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && apt_softhsm; } \
+    || echo "warning: could not install softhsm2; the PKCS#11 keyring tests will fail" >&2
+  unset -f apt_softhsm
+fi

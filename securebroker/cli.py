@@ -25,9 +25,17 @@ import click
 
 from securebroker import __version__, embedded
 from securebroker.client import Client, connect
-from securebroker.config import AuthConfig, Config, DatabaseConfig, ListenerConfig, load
+from securebroker.config import (
+    AuthConfig,
+    Config,
+    DatabaseConfig,
+    EncryptionConfig,
+    ListenerConfig,
+    dump,
+    load,
+)
 from securebroker.errors import BrokerError, ConfigError
-from securebroker.secrets import ensure_random_key, read_key
+from securebroker.secrets import ensure_random_key, read_key, write_private
 from securebroker.store.migrate import create_database, migrate_dsn
 
 P = ParamSpec("P")
@@ -211,8 +219,21 @@ def dev(home: Path, certs: Path, port: int) -> None:
         ),
     )
     config.broker.fingerprint_key_file = str(key_file)
+    config.encryption = EncryptionConfig(
+        keyring="file", keyring_file=str(_ensure_dev_keyring(home / "keyring.json"))
+    )
+    # operator commands (`keys … --config`, `serve`, `migrate`) work against this setup too
+    write_private(home / "broker.toml", dump(config).encode())
     fp_key = read_key(key_file, setting="broker.fingerprint_key_file")
     _run(_dev_main(config, fp_key, functools.partial(_quickstart, certs, home / "pgdata")))
+
+
+def _ensure_dev_keyring(path: Path) -> Path:
+    from securebroker.crypto.filekeyring import FileKeyring  # noqa: PLC0415
+
+    if not path.exists():
+        FileKeyring.create(path)
+    return path.resolve()
 
 
 def _quickstart(certs: Path, pgdata: Path, port: int) -> str:
@@ -667,6 +688,151 @@ def dlq_redrive(subscription: str, message_ids: tuple[str, ...], as_json: bool, 
 @friendly
 def dlq_purge(subscription: str, as_json: bool, **kw: Any) -> None:
     _admin("dlq.purge", {"name": subscription}, _target(kw, as_json), ["purged"])
+
+
+# -- keys (operator tools: keyring + database, online) ---------------------------------------------
+DEV_CONFIG = DEV_HOME / "broker.toml"
+
+
+@main.group()
+def keys() -> None:
+    """Envelope-encryption keys: list, rotate, rewrap, retire, destroy (crypto-shredding).
+
+    Run on a host with the broker's configuration (its keyring and database); brokers keep
+    serving and pick changes up at once. `securebroker dev` writes .securebroker/broker.toml,
+    the default --config."""
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEV_CONFIG,
+    show_default=True,
+)
+
+
+async def _with_keys(config_path: Path, work: Callable[[Any, Any], Awaitable[T]]) -> T:
+    from securebroker.crypto.admin import open_keyring  # noqa: PLC0415
+    from securebroker.crypto.keystore import PostgresKeyStore  # noqa: PLC0415
+
+    config = load(config_path)
+    keyring = open_keyring(config.encryption)
+    if keyring is None:
+        raise ConfigError('encryption.keyring: "none" has no keys to manage')
+    pool = await asyncpg.create_pool(config.database.dsn, min_size=1, max_size=2)
+    try:
+        return await work(keyring, PostgresKeyStore(pool))
+    finally:
+        await pool.close()
+
+
+@keys.command("init")
+@config_option
+@friendly
+def keys_init(config_path: Path) -> None:
+    """Create the keyring named by the config (KEK version 1), if it does not exist yet."""
+    from securebroker.crypto.admin import open_keyring  # noqa: PLC0415
+
+    keyring = open_keyring(load(config_path).encryption, create=True)
+    if keyring is None:
+        raise ConfigError('encryption.keyring: "none" has no keys to manage')
+    click.echo(f"{keyring.provider} keyring ready: primary KEK version {keyring.primary()}")
+
+
+@keys.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def keys_list(config_path: Path, as_json: bool) -> None:
+    """KEK versions, their states and how many data keys each wraps."""
+    from securebroker.crypto.admin import list_keys  # noqa: PLC0415
+
+    rows = _run(_with_keys(config_path, list_keys))
+    data = [r.__dict__ for r in rows]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(_table(data, ["version", "state", "created_at", "live_deks", "destroyed_deks"]))
+
+
+@keys.command("rotate")
+@config_option
+@friendly
+def keys_rotate(config_path: Path) -> None:
+    """Create a new primary KEK version (online); then run `keys rewrap`."""
+    from securebroker.crypto.admin import rotate  # noqa: PLC0415
+
+    version = _run(_with_keys(config_path, rotate))
+    click.echo(f"KEK version {version} is primary; run `securebroker keys rewrap` next")
+
+
+@keys.command("rewrap")
+@config_option
+@click.option("--batch", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@friendly
+def keys_rewrap(config_path: Path, batch: int) -> None:
+    """Rewrap data keys to the primary KEK in batches (online; rerun to resume)."""
+    from securebroker.crypto.admin import rewrap  # noqa: PLC0415
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"rewrapped {done}/{total}", err=True)
+
+    async def work(keyring: Any, store: Any) -> int:
+        return await rewrap(keyring, store, batch=batch, progress=progress)
+
+    click.echo(f"rewrapped {_run(_with_keys(config_path, work))} data key(s)")
+
+
+@keys.command("retire")
+@config_option
+@click.option("--below", type=click.IntRange(min=2), required=True, help="minimum KEK version")
+@friendly
+def keys_retire(config_path: Path, below: int) -> None:
+    """Destroy KEK versions below --below; refused while data keys still depend on them."""
+    from securebroker.crypto.admin import retire  # noqa: PLC0415
+
+    async def work(keyring: Any, store: Any) -> list[int]:
+        return await retire(keyring, store, below)
+
+    retired = _run(_with_keys(config_path, work))
+    click.echo(f"retired KEK version(s): {', '.join(map(str, retired)) or 'none'}")
+
+
+@keys.command("destroy")
+@config_option
+@click.option("--scope", required=True, help="topic:<name> or <attribute>:<value>")
+@click.option("--confirm", help="repeat the scope to confirm (else you are asked)")
+@click.option(
+    "--keep-old-keks",
+    is_flag=True,
+    help="skip rotating and retiring the KEK (old copies in WAL/backups stay unwrappable)",
+)
+@friendly
+def keys_destroy(config_path: Path, scope: str, confirm: str | None, keep_old_keks: bool) -> None:
+    """Crypto-shred a scope: its stored payloads become unreadable, for good."""
+    from securebroker.crypto.admin import destroy_scope  # noqa: PLC0415
+
+    if confirm is None:
+        confirm = click.prompt(f"This destroys every payload of {scope!r} forever. Type the scope")
+    if confirm != scope:
+        raise click.UsageError("confirmation does not match the scope; nothing was destroyed")
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"rewrapped {done}/{total}", err=True)
+
+    async def work(keyring: Any, store: Any) -> Any:
+        return await destroy_scope(
+            keyring, store, scope, seal_backups=not keep_old_keks, progress=progress
+        )
+
+    r = _run(_with_keys(config_path, work))
+    click.echo(f"destroyed {r.deks_destroyed} data key(s) of {r.scope}")
+    if r.new_primary is not None:
+        click.echo(
+            f"KEK rotated to v{r.new_primary}, {r.rewrapped} other data key(s) rewrapped, "
+            f"retired: {', '.join(map(str, r.retired)) or 'none'}"
+        )
 
 
 # -- tokens and policies (offline tools) ----------------------------------------------------------

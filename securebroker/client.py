@@ -65,6 +65,17 @@ def _to_item(m: PublishRequest, key: str) -> f.PublishItem:
     )
 
 
+class PayloadUnavailable(BrokerError):
+    """A delivered message whose payload the broker cannot give (see ``Message.payload``)."""
+
+    code = "payload_unavailable"
+
+    def __init__(self, reason: str, message_id: uuid.UUID) -> None:
+        super().__init__(f"payload of message {message_id} unavailable: {reason}")
+        self.reason = reason
+        self.message_id = message_id
+
+
 class Message:
     """A delivered message. Settle it exactly once with ``ack`` or ``nack``."""
 
@@ -76,13 +87,24 @@ class Message:
         self.lease_token = frame.lease_token
         self.lease_expires_at = from_ms(frame.lease_expires_ms)
         self.attempt = frame.attempt
-        self.payload = frame.payload
+        self._payload = frame.payload
+        #: why there is no payload ("payload_destroyed", "payload_unreadable"), else None
+        self.payload_error = frame.payload_error
         self.attributes = frame.attributes
         self.content_type = frame.content_type
         self.idempotency_key = frame.idempotency_key
         self.ordering_key = frame.ordering_key
         self.published_at = from_ms(frame.published_ms)
         self.trace_context = frame.trace_context
+
+    @property
+    def payload(self) -> bytes:
+        """The message's bytes; raises ``PayloadUnavailable`` when the broker could not give
+        them (its scope's keys were destroyed, or it failed authentication). Ack such a message
+        (or nack it to dead-letter it): retrying cannot bring the bytes back."""
+        if self.payload_error is not None:
+            raise PayloadUnavailable(self.payload_error, self.id)
+        return self._payload
 
     def _item(self) -> f.SettleItem:
         return f.SettleItem(

@@ -67,6 +67,26 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     json: bool = False
 
 
+class EncryptionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Envelope encryption at rest (docs/security.md, ADR 0007)."""
+
+    #: "file" (a local keyring file), "pkcs11" (an HSM), or "none" (plaintext at rest:
+    #: benchmarks and tests only; the broker warns loudly at start)
+    keyring: Literal["file", "pkcs11", "none"] = "file"
+    keyring_file: str = ""
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    #: file holding the token user PIN (mode 0600), never the PIN itself in config
+    pkcs11_pin_file: str = ""
+    pkcs11_label_prefix: str = "securebroker-kek"
+    #: scope DEKs by this message attribute when present (tenant, data subject), else by topic
+    scope_attribute: str = ""
+    dek_max_messages: Annotated[int, msgspec.Meta(ge=1, le=1 << 32)] = 1 << 24
+    dek_max_age_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 365)] = 24.0
+    dek_cache_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    dek_cache_seconds: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 300.0
+
+
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Authentication (JWT bearer tokens) and authorization (policies). See docs/security.md."""
 
@@ -118,6 +138,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listener: ListenerConfig = msgspec.field(default_factory=ListenerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    encryption: EncryptionConfig = msgspec.field(default_factory=EncryptionConfig)
 
     def core_settings(self) -> CoreSettings:
         b = self.broker
@@ -194,3 +215,21 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     except msgspec.ValidationError as exc:
         raise _explain(exc) from None
     return cfg.validate()
+
+
+def dump(cfg: Config) -> str:
+    """TOML text for ``cfg`` (sections of scalars and string lists), as ``load`` reads it back.
+
+    ``securebroker dev`` writes its configuration with it, so operator commands that take
+    ``--config`` (``keys``, ``migrate``, ``serve``) work against the development broker too.
+    """
+    import json  # noqa: PLC0415
+
+    lines: list[str] = []
+    for section, values in msgspec.to_builtins(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            # JSON strings, numbers, booleans and string arrays are valid TOML values
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)

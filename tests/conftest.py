@@ -42,6 +42,8 @@ class PgServer:
     handle: Any
     socket_dir: str
     port: int
+    #: the server's data directory (for tests that scan what is at rest)
+    data_dir: Path
 
     def uri(self, database: str) -> str:
         return embedded.database_uri(self.handle, database)
@@ -54,7 +56,7 @@ def pg_server() -> PgServer:
     q = parse_qs(urlparse(handle.get_uri()).query)
     socket_dir = q["host"][0]
     port = int(q.get("port", ["5432"])[0])
-    server = PgServer(handle, socket_dir, port)
+    server = PgServer(handle, socket_dir, port, base / "data")
 
     async def build_template() -> None:
         conn = await asyncpg.connect(server.uri("postgres"))

@@ -39,7 +39,15 @@ from securebroker.bench.runner import TARGETS, WORKLOADS, run_all
     help="securebroker with bound JWTs and a 50-rule policy (on), or certificates and one "
     "allow-all rule (off): the two runs give the cost of ACLs",
 )
-def bench(quick: bool, targets: str, workloads: str, out: Path, auth: str) -> None:
+@click.option(
+    "--encryption",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="securebroker with payloads sealed at rest under a file keyring (on), or stored in "
+    "plaintext (off): the two runs give the cost of encryption",
+)
+def bench(quick: bool, targets: str, workloads: str, out: Path, auth: str, encryption: str) -> None:
     """Run the benchmark workloads against securebroker and its peers on this machine."""
     chosen_targets = [t.strip() for t in targets.split(",") if t.strip()]
     chosen_workloads = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -50,7 +58,12 @@ def bench(quick: bool, targets: str, workloads: str, out: Path, auth: str) -> No
         if w not in WORKLOADS:
             raise click.BadParameter(f"unknown workload {w!r}", param_hint="--workloads")
     path = run_all(
-        quick=quick, targets=chosen_targets, workloads=chosen_workloads, out_dir=out, auth=auth
+        quick=quick,
+        targets=chosen_targets,
+        workloads=chosen_workloads,
+        out_dir=out,
+        auth=auth,
+        encryption=encryption,
     )
     click.echo(path.with_suffix(".md").read_text())
     click.echo(f"results: {path}")

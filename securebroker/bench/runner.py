@@ -105,8 +105,18 @@ def _free_port() -> int:
         return port
 
 
+def _encryption_section(workdir: Path, mode: str) -> str:
+    if mode == "off":
+        return '[encryption]\nkeyring = "none"\n'
+    from securebroker.crypto.filekeyring import FileKeyring  # noqa: PLC0415
+
+    path = workdir / "keyring.json"
+    FileKeyring.create(path)
+    return f'[encryption]\nkeyring = "file"\nkeyring_file = "{path}"\n'
+
+
 def start_securebroker(
-    workdir: Path, group_commit: bool = True, auth: str = "on"
+    workdir: Path, group_commit: bool = True, auth: str = "on", encryption: str = "on"
 ) -> SecureBrokerUnderTest:
     pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
     cert, ckey = pki.clients["bench-client"]
@@ -141,6 +151,7 @@ max_connections_per_identity = 1000
 level = "warning"
 
 {auth_section}
+{_encryption_section(workdir, encryption)}
 """
     )
     log = (workdir / "broker.log").open("wb")
@@ -301,7 +312,8 @@ def _peer_ready(target: str) -> str | None:
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Run {meta['started']} on {meta['machine']} ({meta['mode']} mode), "
-        f"command `{meta['command']}`; securebroker ACLs {meta.get('securebroker_auth', 'on')}.",
+        f"command `{meta['command']}`; securebroker ACLs {meta.get('securebroker_auth', 'on')}, "
+        f"encryption at rest {meta.get('securebroker_encryption', 'on')}.",
         "",
         "| workload | target | publish msg/s | consume msg/s | confirm p50/p99/p99.9 ms "
         "| e2e p50/p99/p99.9 ms | CPU µs/msg | errors |",
@@ -335,12 +347,14 @@ def run_all(
     workloads: Sequence[str],
     out_dir: Path,
     auth: str = "on",
+    encryption: str = "on",
 ) -> Path:
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.machine()}",
         "mode": "quick" if quick else "full",
         "securebroker_auth": auth,
+        "securebroker_encryption": encryption,
         "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
     }
     params = plan(quick)
@@ -350,7 +364,7 @@ def run_all(
     try:
         needs_pg = "securebroker" in targets or "pgqueuer" in targets
         if needs_pg:
-            sb = start_securebroker(work, auth=auth)
+            sb = start_securebroker(work, auth=auth, encryption=encryption)
         for wl in workloads:
             spec = params[wl]
             for target in targets:

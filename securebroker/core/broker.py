@@ -7,6 +7,7 @@ policy, and hands whole units of work to the store. It knows nothing about socke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import re
@@ -30,7 +31,7 @@ from securebroker.core.model import (
     SweepResult,
     TopicInfo,
 )
-from securebroker.core.ports import Store
+from securebroker.core.ports import PayloadSealer, Store
 from securebroker.errors import BrokerError, ValidationError
 from securebroker.ids import uuid7
 
@@ -119,7 +120,10 @@ class Broker:
         settings: CoreSettings | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        envelope: PayloadSealer | None = None,
     ) -> None:
+        """``envelope`` seals payloads at rest (``securebroker.crypto.envelope``); without one
+        payloads are stored as given (tests and embedding only: ``serve`` always has one)."""
         if len(fingerprint_key) < 16:
             raise ValueError("fingerprint key must be at least 16 bytes")
         self.store = store
@@ -127,6 +131,7 @@ class Broker:
         self.clock = clock or SystemClock()
         self.retry = ExponentialBackoff(rng)
         self._fp_key = fingerprint_key
+        self.envelope = envelope
 
     @property
     def limits(self) -> CoreLimits:
@@ -193,8 +198,15 @@ class Broker:
         """Accept every message or none; confirmed only after the transaction commits."""
         if not reqs:
             return []
+        if self.envelope is not None:
+            await self.envelope.prepare(self._key_scopes(reqs))
         prepared = self._prepare_all(reqs, producer, scope)
         return await self.store.publish(prepared, self.settings.idempotency_retention)
+
+    def _key_scopes(self, reqs: Sequence[PublishRequest]) -> set[str]:
+        env = self.envelope
+        assert env is not None
+        return {env.scope_for(r.topic, r.attributes) for r in reqs}
 
     def _prepare_all(
         self, reqs: Sequence[PublishRequest], producer: str, scope: str | None
@@ -215,6 +227,9 @@ class Broker:
         """
         if not reqs:
             raise ValidationError("nothing to publish")
+        if self.envelope is not None and not self.envelope.ready(self._key_scopes(reqs)):
+            # a scope needs a new data key (first use, rollover, KEK rotation): the slow path
+            return asyncio.ensure_future(self.publish_batch(reqs, producer=producer))
         prepared = self._prepare_all(reqs, producer, None)
         retention = self.settings.idempotency_retention
         submit = getattr(self.store, "submit_publish", None)
@@ -250,10 +265,16 @@ class Broker:
                 raise ValidationError("expires_at is in the past")
             if req.not_before is not None and req.not_before >= req.expires_at:
                 raise ValidationError("not_before must be earlier than expires_at")
+        message_id = uuid7(now)
+        payload = bytes(req.payload)
+        env = self.envelope
+        if env is not None:
+            key_scope = env.scope_for(req.topic, req.attributes)
+            payload = env.seal(message_id, req.topic, key_scope, payload)
         return PreparedMessage(
-            id=uuid7(now),
+            id=message_id,
             topic=req.topic,
-            payload=bytes(req.payload),
+            payload=payload,
             attributes=dict(req.attributes),
             content_type=req.content_type,
             idempotency_key=req.idempotency_key,
@@ -281,7 +302,14 @@ class Broker:
             raise ValidationError(f"max_messages must be between 1 and {self.limits.max_receive}")
         if lease is not None:
             self._check_lease(lease)
-        return await self.store.lease(subscription, max_messages, lease, consumer, self._now())
+        batch = await self.store.lease(subscription, max_messages, lease, consumer, self._now())
+        if self.envelope is None or not batch:
+            return batch
+        opened = await self.envelope.open_many([(d.message_id, d.topic, d.payload) for d in batch])
+        return [
+            dataclasses.replace(d, payload=o.payload, payload_error=o.error)
+            for d, o in zip(batch, opened, strict=True)
+        ]
 
     async def ack(self, ref: SettleRef) -> None:
         _raise_first(await self.ack_batch([ref]))

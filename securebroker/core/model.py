@@ -122,6 +122,9 @@ class Delivery:
     published_at: datetime
     producer: str
     trace_context: Mapping[str, str]
+    #: set instead of ``payload`` when the payload cannot be given: "payload_destroyed" (its
+    #: scope's keys were destroyed) or "payload_unreadable" (it failed authentication)
+    payload_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

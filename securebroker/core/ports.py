@@ -9,7 +9,7 @@ Batch forms exist because group commit (many requests per transaction) is how th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -101,3 +101,29 @@ class Store(Protocol):
     async def purge(self, subscription: str, *, dead: bool) -> int: ...
 
     async def close(self) -> None: ...
+
+
+class OpenedPayload(Protocol):
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+class PayloadSealer(Protocol):
+    """Encryption at rest, as the core sees it (``securebroker.crypto.envelope.Envelope``)."""
+
+    def scope_for(self, topic: str, attributes: Mapping[str, str]) -> str: ...
+
+    def ready(self, scopes: Iterable[str]) -> bool:
+        """True when ``seal`` can run for every scope without I/O."""
+        ...
+
+    async def prepare(self, scopes: Iterable[str]) -> None: ...
+
+    def seal(self, message_id: uuid.UUID, topic: str, scope: str, payload: bytes) -> bytes: ...
+
+    async def open_many(
+        self, items: Sequence[tuple[uuid.UUID, str, bytes]]
+    ) -> Sequence[OpenedPayload]: ...

@@ -305,6 +305,9 @@ class Deliver(_Frame, kw_only=True, frozen=True):
     ordering_key: Key | None = None
     published_ms: EpochMs
     trace_context: TraceContext = {}
+    #: instead of a payload: "payload_destroyed" (its keys were destroyed) or
+    #: "payload_unreadable" (it failed authentication); ``payload`` is then empty
+    payload_error: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
 
 
 class Ack(_Frame, kw_only=True, frozen=True):

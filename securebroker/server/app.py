@@ -21,6 +21,10 @@ from securebroker.authz.service import Auth, build_auth
 from securebroker.clock import Clock
 from securebroker.config import Config
 from securebroker.core.broker import Broker
+from securebroker.crypto.admin import build_envelope, open_keyring
+from securebroker.crypto.envelope import Envelope
+from securebroker.crypto.events import follow
+from securebroker.crypto.keystore import PostgresKeyStore
 from securebroker.errors import ConfigError, Unavailable
 from securebroker.server.admin import AdminService
 from securebroker.server.auth import Authenticator, Authorizer
@@ -92,6 +96,8 @@ class BrokerApp:
         self.running: Running | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._keys: asyncio.Task[None] | None = None
+        self.envelope: Envelope | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> Running:
@@ -114,11 +120,13 @@ class BrokerApp:
                     f"database schema is behind ({', '.join(todo)} pending): "
                     "run `securebroker migrate` first"
                 )
+            self.envelope = self._envelope(store)
             broker = Broker(
                 store,
                 fingerprint_key=self.fingerprint_key,
                 settings=self.config.core_settings(),
                 clock=self.clock,
+                envelope=self.envelope,
             )
             native = NativeServer(
                 broker,
@@ -138,6 +146,10 @@ class BrokerApp:
         self.running = Running(broker, native, store)
         self._maintenance = asyncio.ensure_future(self._maintain(broker))
         self._watch = asyncio.ensure_future(self._watch_auth())
+        if self.envelope is not None:
+            self._keys = asyncio.ensure_future(
+                follow(self.config.database.dsn, self.envelope, self._stop)
+            )
         log.info("native listener on %s:%d", settings.host, native.port)
         return self.running
 
@@ -160,6 +172,21 @@ class BrokerApp:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(b.sweep_interval_ms / 1000):
                     await self._stop.wait()
+
+    def _envelope(self, store: PostgresStore) -> Envelope | None:
+        cfg = self.config.encryption
+        keyring = open_keyring(cfg)
+        if keyring is None:
+            log.warning(
+                "encryption.keyring = none: payloads are stored in PLAINTEXT "
+                "(for benchmarks and tests only)"
+            )
+            return None
+        env = build_envelope(cfg, keyring, PostgresKeyStore(store.pool), self.clock)
+        log.info(
+            "payload encryption on: %s keyring, primary KEK v%d", keyring.provider, env.primary
+        )
+        return env
 
     async def reload(self) -> None:
         """SIGHUP: reload policies and keys now. Bad files are rejected; the old ones stay."""
@@ -191,7 +218,7 @@ class BrokerApp:
         running, self.running = self.running, None
         if running is not None:
             await running.native.close(grace)
-        for task in (self._maintenance, self._watch):
+        for task in (self._maintenance, self._watch, self._keys):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

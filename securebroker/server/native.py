@@ -103,6 +103,10 @@ class Wakeups:
 
 
 def _error_frame(exc: BrokerError) -> f.Error:
+    if isinstance(exc, InternalError) and type(exc) is not InternalError:
+        # refinements (keyring failures, …) are specific in logs only; opaque on the wire
+        log.error("internal error (%s): %s", exc.code, exc.detail or exc.message)
+        exc = InternalError("internal error")
     return f.Error(
         code=exc.wire, name=exc.code[:64], message=exc.message[:1024], retryable=exc.retryable
     )
@@ -423,6 +427,7 @@ class Consumer:
             ordering_key=d.ordering_key,
             published_ms=to_ms(d.published_at),
             trace_context=dict(d.trace_context),
+            payload_error=d.payload_error,
         )
 
 

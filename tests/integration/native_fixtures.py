@@ -252,8 +252,9 @@ async def start_native(
     pg_dsn: str, clock: ManualClock, tls_material: TlsMaterial, **overrides: Any
 ) -> NativeHarness:
     """A started NativeServer on ``pg_dsn``; ``overrides`` go to ``ListenerSettings``
-    (plus ``min_tls`` for the server's TLS context, and ``authenticator``/``authorizer``, which
-    default to certificate identity and allow-all). Stop it with ``stop_native``."""
+    (plus ``min_tls`` for the server's TLS context; ``authenticator``/``authorizer``, which
+    default to certificate identity and allow-all; and ``envelope``, a callable
+    ``store -> Envelope`` for encryption at rest, default none). Stop it with ``stop_native``."""
     pki = tls_material.pki
     authenticator: Authenticator = (
         overrides.pop("authenticator", None) or CertificateAuthenticator()
@@ -262,7 +263,14 @@ async def start_native(
     # Group commit, as the broker runs by default (the contract suite covers the plain store).
     store: PostgresStore = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=20)
     try:
-        broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(7))
+        make_envelope = overrides.pop("envelope", None)
+        broker = Broker(
+            store,
+            fingerprint_key=FP_KEY,
+            clock=clock,
+            rng=random.Random(7),
+            envelope=None if make_envelope is None else make_envelope(store),
+        )
         ctx = make_server_context(
             cert=pki.server_cert,
             key=pki.server_key,

@@ -45,6 +45,7 @@ from native_fixtures import CLIENT, CLIENT_PRINCIPAL, FP_KEY, IO_TIMEOUT, TlsMat
 from securebroker.client import Client, connect
 from securebroker.core.broker import Broker
 from securebroker.core.model import PublishRequest, PublishResult
+from securebroker.crypto.filekeyring import FileKeyring
 from securebroker.secrets import ensure_random_key
 from securebroker.store.postgres import PostgresStore
 
@@ -97,6 +98,9 @@ def write_config(
 
     policy = path.with_suffix(".policy.toml")
     policy.write_text(POLICY, encoding="utf-8")
+    keyring = path.parent / "keyring.json"  # shared by every broker of the test
+    if not keyring.exists():  # payloads encrypted at rest, as in production
+        FileKeyring.create(keyring)
     path.write_text(
         "\n".join(
             [
@@ -110,6 +114,9 @@ def write_config(
                 "[broker]",
                 f"fingerprint_key_file = {s(key_file)}",
                 f"group_committers = {committers}",
+                "[encryption]",
+                'keyring = "file"',
+                f"keyring_file = {s(keyring)}",
                 "[listener]",
                 'host = "127.0.0.1"',
                 f"port = {port}",

@@ -1,0 +1,251 @@
+"""Envelope encryption of payloads: AES-256-GCM under scoped data keys wrapped by keyring KEKs.
+
+Sealed payload (what ``sb_messages.payload`` holds)::
+
+    0x01 | DEK id (16 bytes) | nonce (12 bytes) | ciphertext || GCM tag (16 bytes)
+
+The AAD binds the ciphertext to the message id, the topic and the DEK id, so a ciphertext copied
+into another row (another message, another topic) fails authentication instead of decrypting to
+the wrong message. A wrapped DEK is bound to its id and scope the same way (AAD of the wrap).
+
+**Scopes.** A DEK serves one scope: ``topic:<topic>`` by default, or ``<attr>:<value>`` when
+``scope_attribute`` is set and the message carries that attribute (per tenant, per data
+subject). Destroying a scope destroys its DEKs (crypto-shredding).
+
+**DEK lifetime.** Each broker process seals with its own active DEK per scope, created on first
+use and rolled over after ``max_messages`` seals (2^24 by default, far inside the 2^32 random-
+nonce limit of AES-GCM), after ``max_age``, or when the keyring's primary KEK changed (so new
+messages use the new KEK). DEKs are never re-used across restarts, which keeps the seal count
+exact without shared state.
+
+**Cache.** Unwrapped DEKs for opening are kept in a bounded LRU with a lifetime; key events
+(``NOTIFY sb_keys``) evict them at once. Key material is never logged, put in an error, or
+written anywhere but (wrapped) ``sb_deks``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from securebroker.clock import Clock, SystemClock
+from securebroker.crypto.keyring import Keyring, KeyringError
+from securebroker.crypto.keystore import KeyStore, StoredDek
+
+log = logging.getLogger(__name__)
+
+FORMAT = 0x01
+HEADER = 1 + 16 + 12
+OVERHEAD = HEADER + 16
+#: payload_error values reported to consumers instead of bytes
+DESTROYED = "payload_destroyed"
+UNREADABLE = "payload_unreadable"
+
+
+def message_aad(message_id: uuid.UUID, topic: str, dek_id: uuid.UUID) -> bytes:
+    return b"securebroker/msg/v1\x00" + message_id.bytes + dek_id.bytes + topic.encode()
+
+
+def dek_aad(dek_id: uuid.UUID, scope: str) -> bytes:
+    return b"securebroker/dek/v1\x00" + dek_id.bytes + scope.encode()
+
+
+@dataclass(slots=True)
+class _Active:
+    id: uuid.UUID
+    aead: AESGCM
+    kek_version: int
+    created: float
+    seals: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    payload: bytes
+    #: None, DESTROYED or UNREADABLE
+    error: str | None = None
+
+
+class Envelope:
+    def __init__(
+        self,
+        keyring: Keyring,
+        keys: KeyStore,
+        *,
+        scope_attribute: str = "",
+        max_messages: int = 1 << 24,
+        max_age: timedelta = timedelta(days=1),
+        cache_size: int = 10_000,
+        cache_ttl: timedelta = timedelta(minutes=5),
+        clock: Clock | None = None,
+    ) -> None:
+        if not 1 <= max_messages <= 1 << 32:
+            raise ValueError("max_messages must be between 1 and 2^32 (AES-GCM nonce limit)")
+        self.keyring = keyring
+        self.keys = keys
+        self.scope_attribute = scope_attribute
+        self.max_messages = max_messages
+        self.max_age = max_age.total_seconds()
+        self.cache_size = cache_size
+        self.cache_ttl = cache_ttl.total_seconds()
+        self.clock = clock or SystemClock()
+        self._active: dict[str, _Active] = {}
+        #: dek id -> (aead, scope, expires at monotonic)
+        self._cache: OrderedDict[uuid.UUID, tuple[AESGCM, str, float]] = OrderedDict()
+        self._primary = keyring.primary()
+
+    # -- scopes ----------------------------------------------------------------------------------
+    def scope_for(self, topic: str, attributes: Mapping[str, str]) -> str:
+        if self.scope_attribute:
+            value = attributes.get(self.scope_attribute)
+            if value:
+                return f"{self.scope_attribute}:{value}"
+        return f"topic:{topic}"
+
+    # -- sealing ---------------------------------------------------------------------------------
+    def ready(self, scopes: Iterable[str]) -> bool:
+        """True when every scope has a usable active DEK, so ``seal`` needs no I/O."""
+        now = time.monotonic()
+        for scope in scopes:
+            a = self._active.get(scope)
+            if a is None or not self._usable(a, now):
+                return False
+        return True
+
+    def _usable(self, a: _Active, now: float) -> bool:
+        return (
+            a.seals < self.max_messages
+            and now - a.created < self.max_age
+            and a.kek_version == self._primary
+        )
+
+    async def prepare(self, scopes: Iterable[str]) -> None:
+        """Create (and persist, wrapped) a fresh DEK for each scope that needs one."""
+        now = time.monotonic()
+        for scope in set(scopes):
+            a = self._active.get(scope)
+            if a is not None and self._usable(a, now):
+                continue
+            dek_id = uuid.uuid4()
+            key = AESGCM.generate_key(bit_length=256)
+            try:
+                wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
+            except KeyringError:  # e.g. retired by an operator while we missed the event
+                self.refresh()
+                wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
+            version = self._primary
+            await self.keys.insert(StoredDek(dek_id, scope, version, wrapped), self.clock.now())
+            self._active[scope] = _Active(dek_id, AESGCM(key), version, time.monotonic())
+            self._remember(dek_id, AESGCM(key), scope)
+            if a is not None:
+                log.info("DEK rolled over for scope %s (%d seals)", scope, a.seals)
+
+    def seal(self, message_id: uuid.UUID, topic: str, scope: str, payload: bytes) -> bytes:
+        a = self._active[scope]  # ``prepare`` made it; KeyError means a caller skipped it
+        a.seals += 1
+        nonce = os.urandom(12)
+        ct = a.aead.encrypt(nonce, payload, message_aad(message_id, topic, a.id))
+        return bytes((FORMAT,)) + a.id.bytes + nonce + ct
+
+    # -- opening ---------------------------------------------------------------------------------
+    async def open_many(self, items: Sequence[tuple[uuid.UUID, str, bytes]]) -> list[Opened]:
+        """Open ``(message_id, topic, sealed)`` triples; fetch missing DEKs in one query."""
+        missing = {
+            did
+            for _, _, blob in items
+            if (did := _dek_id(blob)) is not None and self._cached(did) is None
+        }
+        destroyed: set[uuid.UUID] = set()
+        if missing:
+            stored = await self.keys.get_many(list(missing))
+            for did, dek in stored.items():
+                if dek.wrapped is None:
+                    destroyed.add(did)
+                    continue
+                try:
+                    key = self.keyring.unwrap(dek.kek_version, dek.wrapped, dek_aad(did, dek.scope))
+                except KeyringError as exc:
+                    log.warning("DEK %s not unwrapped: %s", did, exc.code)
+                    continue
+                self._remember(did, AESGCM(key), dek.scope)
+        return [self._open_one(mid, topic, blob, destroyed) for mid, topic, blob in items]
+
+    def _open_one(
+        self, message_id: uuid.UUID, topic: str, blob: bytes, destroyed: set[uuid.UUID]
+    ) -> Opened:
+        did = _dek_id(blob)
+        if did is None:
+            return Opened(b"", UNREADABLE)
+        if did in destroyed:
+            return Opened(b"", DESTROYED)
+        entry = self._cached(did)
+        if entry is None:
+            return Opened(b"", UNREADABLE)
+        try:
+            plain = entry[0].decrypt(
+                blob[17:HEADER], blob[HEADER:], message_aad(message_id, topic, did)
+            )
+        except InvalidTag:
+            log.warning("payload of message %s failed authentication", message_id)
+            return Opened(b"", UNREADABLE)
+        return Opened(plain)
+
+    def _cached(self, did: uuid.UUID) -> tuple[AESGCM, str, float] | None:
+        entry = self._cache.get(did)
+        if entry is None:
+            return None
+        if entry[2] < time.monotonic():
+            del self._cache[did]
+            return None
+        self._cache.move_to_end(did)
+        return entry
+
+    def _remember(self, did: uuid.UUID, aead: AESGCM, scope: str) -> None:
+        self._cache[did] = (aead, scope, time.monotonic() + self.cache_ttl)
+        self._cache.move_to_end(did)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    # -- key events ------------------------------------------------------------------------------
+    def on_event(self, event: str) -> None:
+        """``rotate``: re-read the keyring (new DEKs use the new primary). ``destroy:<scope>``:
+        forget that scope's DEKs at once. Anything else: forget everything (safe default)."""
+        if event.startswith("destroy:"):
+            scope = event.removeprefix("destroy:")
+            self._active.pop(scope, None)
+            for did in [d for d, (_, s, _) in self._cache.items() if s == scope]:
+                del self._cache[did]
+            log.info("keys of scope %s dropped from memory", scope)
+            return
+        self.refresh()
+        if event != "rotate":
+            self._active.clear()
+            self._cache.clear()
+            log.info("key caches cleared (%s)", event)
+
+    def refresh(self) -> None:
+        """Re-read the keyring; a new primary makes every scope roll to a new DEK under it."""
+        self.keyring.refresh()
+        primary = self.keyring.primary()
+        if primary != self._primary:
+            log.info("primary KEK is now version %d (was %d)", primary, self._primary)
+        self._primary = primary
+
+    @property
+    def primary(self) -> int:
+        return self._primary
+
+
+def _dek_id(blob: bytes) -> uuid.UUID | None:
+    if len(blob) < OVERHEAD or blob[0] != FORMAT:
+        return None
+    return uuid.UUID(bytes=blob[1:17])
