@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,6 +87,7 @@ class Envelope:
         cache_size: int = 10_000,
         cache_ttl: timedelta = timedelta(minutes=5),
         clock: Clock | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= max_messages <= 1 << 32:
             raise ValueError("max_messages must be between 1 and 2^32 (AES-GCM nonce limit)")
@@ -98,6 +99,8 @@ class Envelope:
         self.cache_size = cache_size
         self.cache_ttl = cache_ttl.total_seconds()
         self.clock = clock or SystemClock()
+        #: seconds, for DEK age and cache lifetimes (injectable, so tests need not wait)
+        self._monotonic = monotonic
         self._active: dict[str, _Active] = {}
         #: dek id -> (aead, scope, expires at monotonic)
         self._cache: OrderedDict[uuid.UUID, tuple[AESGCM, str, float]] = OrderedDict()
@@ -114,7 +117,7 @@ class Envelope:
     # -- sealing ---------------------------------------------------------------------------------
     def ready(self, scopes: Iterable[str]) -> bool:
         """True when every scope has a usable active DEK, so ``seal`` needs no I/O."""
-        now = time.monotonic()
+        now = self._monotonic()
         for scope in scopes:
             a = self._active.get(scope)
             if a is None or not self._usable(a, now):
@@ -130,7 +133,7 @@ class Envelope:
 
     async def prepare(self, scopes: Iterable[str]) -> None:
         """Create (and persist, wrapped) a fresh DEK for each scope that needs one."""
-        now = time.monotonic()
+        now = self._monotonic()
         for scope in set(scopes):
             a = self._active.get(scope)
             if a is not None and self._usable(a, now):
@@ -144,7 +147,7 @@ class Envelope:
                 wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
             version = self._primary
             await self.keys.insert(StoredDek(dek_id, scope, version, wrapped), self.clock.now())
-            self._active[scope] = _Active(dek_id, AESGCM(key), version, time.monotonic())
+            self._active[scope] = _Active(dek_id, AESGCM(key), version, self._monotonic())
             self._remember(dek_id, AESGCM(key), scope)
             if a is not None:
                 log.info("DEK rolled over for scope %s (%d seals)", scope, a.seals)
@@ -203,14 +206,14 @@ class Envelope:
         entry = self._cache.get(did)
         if entry is None:
             return None
-        if entry[2] < time.monotonic():
+        if entry[2] < self._monotonic():
             del self._cache[did]
             return None
         self._cache.move_to_end(did)
         return entry
 
     def _remember(self, did: uuid.UUID, aead: AESGCM, scope: str) -> None:
-        self._cache[did] = (aead, scope, time.monotonic() + self.cache_ttl)
+        self._cache[did] = (aead, scope, self._monotonic() + self.cache_ttl)
         self._cache.move_to_end(did)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -262,3 +262,30 @@ async def test_keyring_errors_never_carry_key_bytes(
         keyring.unwrap(1, (dek.wrapped or b"")[:-1] + b"\x00", b"aad")
     assert keyring.keys[1] is not None
     assert keyring.keys[1].hex() not in str(info.value)
+
+
+async def test_rollover_by_age_and_cache_lifetime(
+    keyring: MemoryKeyring, store: MemoryKeyStore
+) -> None:
+    now = [1000.0]
+    env = envelope(
+        keyring,
+        store,
+        max_age=timedelta(hours=1),
+        cache_ttl=timedelta(minutes=5),
+        monotonic=lambda: now[0],
+    )
+    first = await seal(env, "t", b"1")
+    assert env.ready(["topic:t"])
+    now[0] += 3599
+    assert env.ready(["topic:t"])
+    now[0] += 2
+    assert not env.ready(["topic:t"])  # an hour old: the next publish gets a new DEK
+    second = await seal(env, "t", b"2")
+    assert len(store.deks) == 2
+    # cached DEKs expire from memory and are fetched (and unwrapped) again when needed
+    now[0] += 301
+    ids = [uuid.UUID(bytes=blob[1:17]) for _, blob in (first, second)]
+    assert [env._cached(i) for i in ids] == [None, None]
+    opened = await env.open_many([(first[0], "t", first[1]), (second[0], "t", second[1])])
+    assert [o.payload for o in opened] == [b"1", b"2"]
