@@ -12,11 +12,12 @@ the wrong message. A wrapped DEK is bound to its id and scope the same way (AAD 
 ``scope_attribute`` is set and the message carries that attribute (per tenant, per data
 subject). Destroying a scope destroys its DEKs (crypto-shredding).
 
-**DEK lifetime.** Each broker process seals with its own active DEK per scope, created on first
-use and rolled over after ``max_messages`` seals (2^24 by default, far inside the 2^32 random-
-nonce limit of AES-GCM), after ``max_age``, or when the keyring's primary KEK changed (so new
-messages use the new KEK). DEKs are never re-used across restarts, which keeps the seal count
-exact without shared state.
+**DEK lifetime and nonces.** Each broker process seals with its own active DEK per scope,
+created on first use and rolled over after ``max_messages`` seals (2^24 by default), after
+``max_age``, or when the keyring's primary KEK changed (so new messages use the new KEK). A DEK
+is used by exactly one process and never after a restart (nor in a forked child), so its nonces
+are simply its seal counter (the deterministic construction of NIST SP 800-38D §8.2.1): unique
+by construction, no randomness needed per message, and the count is exact without shared state.
 
 **Cache.** Unwrapped DEKs for opening are kept in a bounded LRU with a lifetime; key events
 (``NOTIFY sb_keys``) evict them at once. Key material is never logged, put in an error, or
@@ -25,10 +26,13 @@ written anywhere but (wrapped) ``sb_deks``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +61,19 @@ def message_aad(message_id: uuid.UUID, topic: str, dek_id: uuid.UUID) -> bytes:
 
 def dek_aad(dek_id: uuid.UUID, scope: str) -> bytes:
     return b"securebroker/dek/v1\x00" + dek_id.bytes + scope.encode()
+
+
+#: every live Envelope, so a forked child can drop the parent's active DEKs (nonce counters)
+_ENVELOPES: weakref.WeakSet[Envelope] = weakref.WeakSet()
+
+
+def _forget_active_after_fork() -> None:
+    for env in list(_ENVELOPES):
+        env._active.clear()
+
+
+os.register_at_fork(after_in_child=_forget_active_after_fork)
+SCOPE_MEMO = 10_000
 
 
 @dataclass(slots=True)
@@ -105,6 +122,9 @@ class Envelope:
         #: dek id -> (aead, scope, expires at monotonic)
         self._cache: OrderedDict[uuid.UUID, tuple[AESGCM, str, float]] = OrderedDict()
         self._primary = keyring.primary()
+        self._creating: dict[str, asyncio.Future[None]] = {}
+        self._topic_scopes: dict[str, str] = {}
+        _ENVELOPES.add(self)
 
     # -- scopes ----------------------------------------------------------------------------------
     def scope_for(self, topic: str, attributes: Mapping[str, str]) -> str:
@@ -112,7 +132,12 @@ class Envelope:
             value = attributes.get(self.scope_attribute)
             if value:
                 return f"{self.scope_attribute}:{value}"
-        return f"topic:{topic}"
+        scope = self._topic_scopes.get(topic)
+        if scope is None:  # memoized: this runs twice per published message
+            if len(self._topic_scopes) >= SCOPE_MEMO:
+                self._topic_scopes.clear()
+            scope = self._topic_scopes[topic] = f"topic:{topic}"
+        return scope
 
     # -- sealing ---------------------------------------------------------------------------------
     def ready(self, scopes: Iterable[str]) -> bool:
@@ -132,30 +157,42 @@ class Envelope:
         )
 
     async def prepare(self, scopes: Iterable[str]) -> None:
-        """Create (and persist, wrapped) a fresh DEK for each scope that needs one."""
-        now = self._monotonic()
+        """Create (and persist, wrapped) a fresh DEK for each scope that needs one. Concurrent
+        callers for one scope share one creation (no burst of DEKs when traffic starts)."""
         for scope in set(scopes):
             a = self._active.get(scope)
-            if a is not None and self._usable(a, now):
+            if a is not None and self._usable(a, self._monotonic()):
                 continue
-            dek_id = uuid.uuid4()
-            key = AESGCM.generate_key(bit_length=256)
-            try:
-                wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
-            except KeyringError:  # e.g. retired by an operator while we missed the event
-                self.refresh()
-                wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
-            version = self._primary
-            await self.keys.insert(StoredDek(dek_id, scope, version, wrapped), self.clock.now())
-            self._active[scope] = _Active(dek_id, AESGCM(key), version, self._monotonic())
-            self._remember(dek_id, AESGCM(key), scope)
-            if a is not None:
-                log.info("DEK rolled over for scope %s (%d seals)", scope, a.seals)
+            pending = self._creating.get(scope)
+            if pending is None:
+                pending = asyncio.ensure_future(self._create(scope, a))
+                self._creating[scope] = pending
+                pending.add_done_callback(functools.partial(self._created, scope))
+            await asyncio.shield(pending)
+
+    def _created(self, scope: str, _done: asyncio.Future[None]) -> None:
+        self._creating.pop(scope, None)
+
+    async def _create(self, scope: str, previous: _Active | None) -> None:
+        dek_id = uuid.uuid4()
+        key = AESGCM.generate_key(bit_length=256)
+        try:
+            wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
+        except KeyringError:  # e.g. retired by an operator while we missed the event
+            self.refresh()
+            wrapped = self.keyring.wrap(self._primary, key, dek_aad(dek_id, scope))
+        version = self._primary
+        await self.keys.insert(StoredDek(dek_id, scope, version, wrapped), self.clock.now())
+        aead = AESGCM(key)
+        self._active[scope] = _Active(dek_id, aead, version, self._monotonic())
+        self._remember(dek_id, aead, scope)
+        if previous is not None:
+            log.info("DEK rolled over for scope %s (%d seals)", scope, previous.seals)
 
     def seal(self, message_id: uuid.UUID, topic: str, scope: str, payload: bytes) -> bytes:
         a = self._active[scope]  # ``prepare`` made it; KeyError means a caller skipped it
         a.seals += 1
-        nonce = os.urandom(12)
+        nonce = a.seals.to_bytes(12, "big")  # unique per DEK by construction (see above)
         ct = a.aead.encrypt(nonce, payload, message_aad(message_id, topic, a.id))
         return bytes((FORMAT,)) + a.id.bytes + nonce + ct
 

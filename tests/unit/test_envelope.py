@@ -7,6 +7,7 @@ is ``MemoryKeyStore``, the in-memory twin of ``sb_deks``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -289,3 +290,39 @@ async def test_rollover_by_age_and_cache_lifetime(
     assert [env._cached(i) for i in ids] == [None, None]
     opened = await env.open_many([(first[0], "t", first[1]), (second[0], "t", second[1])])
     assert [o.payload for o in opened] == [b"1", b"2"]
+
+
+async def test_concurrent_first_publishes_share_one_new_dek(
+    keyring: MemoryKeyring, store: MemoryKeyStore
+) -> None:
+    env = envelope(keyring, store)
+    await asyncio.gather(*(env.prepare(["topic:t"]) for _ in range(50)))
+    assert len(store.deks) == 1
+
+
+async def test_nonces_are_a_per_dek_counter_and_reset_with_a_new_dek(
+    keyring: MemoryKeyring, store: MemoryKeyStore
+) -> None:
+    env = envelope(keyring, store, max_messages=3)
+    blobs = [(await seal(env, "t", b"x"))[1] for _ in range(4)]
+    nonces = [(uuid.UUID(bytes=b[1:17]), int.from_bytes(b[17:29], "big")) for b in blobs]
+    first_dek = nonces[0][0]
+    assert nonces[:3] == [(first_dek, 1), (first_dek, 2), (first_dek, 3)]
+    assert nonces[3][0] != first_dek and nonces[3][1] == 1  # a new DEK starts again
+
+
+def test_a_forked_child_drops_the_parents_active_deks(
+    keyring: MemoryKeyring, store: MemoryKeyStore
+) -> None:
+    env = envelope(keyring, store)
+    asyncio.run(env.prepare(["topic:t"]))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"1" if env.ready(["topic:t"]) else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"0"  # the child would have to make its own DEK (no shared counter)
+    assert env.ready(["topic:t"])  # the parent keeps its own
