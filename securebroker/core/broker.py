@@ -7,7 +7,6 @@ policy, and hands whole units of work to the store. It knows nothing about socke
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import random
 import re
@@ -306,10 +305,7 @@ class Broker:
         if self.envelope is None or not batch:
             return batch
         opened = await self.envelope.open_many([(d.message_id, d.topic, d.payload) for d in batch])
-        return [
-            dataclasses.replace(d, payload=o.payload, payload_error=o.error)
-            for d, o in zip(batch, opened, strict=True)
-        ]
+        return [_opened(d, o.payload, o.error) for d, o in zip(batch, opened, strict=True)]
 
     async def ack(self, ref: SettleRef) -> None:
         _raise_first(await self.ack_batch([ref]))
@@ -397,3 +393,25 @@ def _raise_first(results: Sequence[BrokerError | None]) -> None:
     for r in results:
         if r is not None:
             raise r
+
+
+def _opened(d: Delivery, payload: bytes, error: str | None) -> Delivery:
+    """``d`` with its opened payload (a direct constructor call: ``dataclasses.replace`` cost
+    ~9 µs per delivery on the consume hot path)."""
+    return Delivery(
+        d.subscription,
+        d.topic,
+        d.message_id,
+        d.lease_token,
+        d.lease_expires_at,
+        d.attempt,
+        payload,
+        d.attributes,
+        d.content_type,
+        d.idempotency_key,
+        d.ordering_key,
+        d.published_at,
+        d.producer,
+        d.trace_context,
+        error,
+    )

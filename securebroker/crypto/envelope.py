@@ -55,8 +55,9 @@ DESTROYED = "payload_destroyed"
 UNREADABLE = "payload_unreadable"
 
 
-def message_aad(message_id: uuid.UUID, topic: str, dek_id: uuid.UUID) -> bytes:
-    return b"securebroker/msg/v1\x00" + message_id.bytes + dek_id.bytes + topic.encode()
+def message_aad(message_id: uuid.UUID, topic: str, dek_id: bytes) -> bytes:
+    """``dek_id`` as its 16 raw bytes (as stored in the sealed payload)."""
+    return b"securebroker/msg/v1\x00" + message_id.bytes + dek_id + topic.encode()
 
 
 def dek_aad(dek_id: uuid.UUID, scope: str) -> bytes:
@@ -119,8 +120,8 @@ class Envelope:
         #: seconds, for DEK age and cache lifetimes (injectable, so tests need not wait)
         self._monotonic = monotonic
         self._active: dict[str, _Active] = {}
-        #: dek id -> (aead, scope, expires at monotonic)
-        self._cache: OrderedDict[uuid.UUID, tuple[AESGCM, str, float]] = OrderedDict()
+        #: dek id (16 raw bytes, as in sealed payloads) -> (aead, scope, expires at monotonic)
+        self._cache: OrderedDict[bytes, tuple[AESGCM, str, float]] = OrderedDict()
         self._primary = keyring.primary()
         self._creating: dict[str, asyncio.Future[None]] = {}
         self._topic_scopes: dict[str, str] = {}
@@ -185,7 +186,7 @@ class Envelope:
         await self.keys.insert(StoredDek(dek_id, scope, version, wrapped), self.clock.now())
         aead = AESGCM(key)
         self._active[scope] = _Active(dek_id, aead, version, self._monotonic())
-        self._remember(dek_id, aead, scope)
+        self._remember(dek_id.bytes, aead, scope)
         if previous is not None:
             log.info("DEK rolled over for scope %s (%d seals)", scope, previous.seals)
 
@@ -193,7 +194,7 @@ class Envelope:
         a = self._active[scope]  # ``prepare`` made it; KeyError means a caller skipped it
         a.seals += 1
         nonce = a.seals.to_bytes(12, "big")  # unique per DEK by construction (see above)
-        ct = a.aead.encrypt(nonce, payload, message_aad(message_id, topic, a.id))
+        ct = a.aead.encrypt(nonce, payload, message_aad(message_id, topic, a.id.bytes))
         return bytes((FORMAT,)) + a.id.bytes + nonce + ct
 
     # -- opening ---------------------------------------------------------------------------------
@@ -202,27 +203,30 @@ class Envelope:
         missing = {
             did
             for _, _, blob in items
-            if (did := _dek_id(blob)) is not None and self._cached(did) is None
+            if (did := _dek_key(blob)) is not None and self._cached(did) is None
         }
-        destroyed: set[uuid.UUID] = set()
+        destroyed: set[bytes] = set()
         if missing:
-            stored = await self.keys.get_many(list(missing))
-            for did, dek in stored.items():
+            stored = await self.keys.get_many([uuid.UUID(bytes=k) for k in missing])
+            for dek_id, dek in stored.items():
+                did = dek_id.bytes
                 if dek.wrapped is None:
                     destroyed.add(did)
                     continue
                 try:
-                    key = self.keyring.unwrap(dek.kek_version, dek.wrapped, dek_aad(did, dek.scope))
+                    key = self.keyring.unwrap(
+                        dek.kek_version, dek.wrapped, dek_aad(dek_id, dek.scope)
+                    )
                 except KeyringError as exc:
-                    log.warning("DEK %s not unwrapped: %s", did, exc.code)
+                    log.warning("DEK %s not unwrapped: %s", dek_id, exc.code)
                     continue
                 self._remember(did, AESGCM(key), dek.scope)
         return [self._open_one(mid, topic, blob, destroyed) for mid, topic, blob in items]
 
     def _open_one(
-        self, message_id: uuid.UUID, topic: str, blob: bytes, destroyed: set[uuid.UUID]
+        self, message_id: uuid.UUID, topic: str, blob: bytes, destroyed: set[bytes]
     ) -> Opened:
-        did = _dek_id(blob)
+        did = _dek_key(blob)
         if did is None:
             return Opened(b"", UNREADABLE)
         if did in destroyed:
@@ -239,7 +243,7 @@ class Envelope:
             return Opened(b"", UNREADABLE)
         return Opened(plain)
 
-    def _cached(self, did: uuid.UUID) -> tuple[AESGCM, str, float] | None:
+    def _cached(self, did: bytes) -> tuple[AESGCM, str, float] | None:
         entry = self._cache.get(did)
         if entry is None:
             return None
@@ -249,7 +253,7 @@ class Envelope:
         self._cache.move_to_end(did)
         return entry
 
-    def _remember(self, did: uuid.UUID, aead: AESGCM, scope: str) -> None:
+    def _remember(self, did: bytes, aead: AESGCM, scope: str) -> None:
         self._cache[did] = (aead, scope, self._monotonic() + self.cache_ttl)
         self._cache.move_to_end(did)
         while len(self._cache) > self.cache_size:
@@ -285,7 +289,8 @@ class Envelope:
         return self._primary
 
 
-def _dek_id(blob: bytes) -> uuid.UUID | None:
+def _dek_key(blob: bytes) -> bytes | None:
+    """The DEK id of a sealed payload, as raw bytes (no UUID object on the hot path)."""
     if len(blob) < OVERHEAD or blob[0] != FORMAT:
         return None
-    return uuid.UUID(bytes=blob[1:17])
+    return blob[1:17]

@@ -286,7 +286,8 @@ async def test_rollover_by_age_and_cache_lifetime(
     assert len(store.deks) == 2
     # cached DEKs expire from memory and are fetched (and unwrapped) again when needed
     now[0] += 301
-    ids = [uuid.UUID(bytes=blob[1:17]) for _, blob in (first, second)]
+    ids = [blob[1:17] for _, blob in (first, second)]
+    assert len(env._cache) == 2  # still held, but past their lifetime:
     assert [env._cached(i) for i in ids] == [None, None]
     opened = await env.open_many([(first[0], "t", first[1]), (second[0], "t", second[1])])
     assert [o.payload for o in opened] == [b"1", b"2"]
