@@ -70,6 +70,16 @@ def bound_aad(version: int, aad: bytes) -> bytes:
     return _AAD_LABEL + struct.pack(">I", version) + aad
 
 
+def check_wrap_args(version: object, dek: object, aad: object) -> None:
+    """What every provider's ``wrap`` refuses before touching a key."""
+    if not isinstance(dek, bytes) or not dek:
+        raise KeyringError("wrap: the data key must be non-empty bytes")
+    if not isinstance(aad, bytes):
+        raise KeyringError("wrap: aad must be bytes")
+    if not _valid_version(version):
+        raise KeyringError(f"wrap: invalid KEK version {version!r}")
+
+
 def _valid_version(version: object) -> bool:
     return type(version) is int and 1 <= version <= MAX_VERSION
 
@@ -147,12 +157,7 @@ class FileKeyring:
 
     def wrap(self, version: int, dek: bytes, aad: bytes) -> bytes:
         """AES-256-GCM under KEK ``version``: ``nonce(12) || ciphertext || tag(16)``."""
-        if not isinstance(dek, bytes) or not dek:
-            raise KeyringError("wrap: the data key must be non-empty bytes")
-        if not isinstance(aad, bytes):
-            raise KeyringError("wrap: aad must be bytes")
-        if not _valid_version(version):
-            raise KeyringError(f"wrap: invalid KEK version {version!r}")
+        check_wrap_args(version, dek, aad)
         cipher = self._cipher(version)
         if cipher is None:
             state = self._info_state(version)

@@ -73,7 +73,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from securebroker.crypto.filekeyring import exclusive_lock
+from securebroker.crypto.filekeyring import check_wrap_args, exclusive_lock
 from securebroker.crypto.keyring import KekInfo, KekState, KeyringError, UnwrapError
 
 if TYPE_CHECKING:
@@ -344,12 +344,7 @@ class Pkcs11Keyring:
         """AES-256-GCM inside the token under KEK ``version``: ``iv(12) || ciphertext || tag``."""
         import pkcs11  # noqa: PLC0415
 
-        if not isinstance(dek, bytes) or not dek:
-            raise KeyringError("wrap: the data key must be non-empty bytes")
-        if not isinstance(aad, bytes):
-            raise KeyringError("wrap: aad must be bytes")
-        if not _valid_version(version):
-            raise KeyringError(f"wrap: invalid KEK version {version!r}")
+        check_wrap_args(version, dek, aad)
         iv = os.urandom(IV_BYTES)
         param = pkcs11.GCMParams(iv, bound_aad(version, aad), TAG_BITS)
 
