@@ -16,7 +16,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from securebroker.crypto import admin
 from securebroker.crypto.envelope import DESTROYED, UNREADABLE, Envelope
 from securebroker.crypto.events import follow
 from securebroker.crypto.filekeyring import FileKeyring
-from securebroker.crypto.keyring import UnwrapError
+from securebroker.crypto.keyring import Keyring, UnwrapError
 from securebroker.crypto.keystore import PostgresKeyStore
 from securebroker.store.postgres import PostgresStore
 
@@ -46,12 +46,14 @@ PG_BIN = Path(_SPEC.origin).parent / "pginstall" / "bin"
 class Encrypted:
     h: NativeHarness
     env: Envelope
-    keyring: FileKeyring
+    keyring: Keyring
     keys: PostgresKeyStore
     keyring_path: Path
     dsn: str
     events: list[str]
     evented: asyncio.Event
+    #: another instance of the keyring (what a fresh broker process would open)
+    reopen: Callable[[], Keyring]
 
     async def client(self) -> Client:
         return await self.h.connect(reconnect=False)
@@ -70,6 +72,46 @@ async def enc(
 ) -> AsyncIterator[Encrypted]:
     path = tmp_path / "keyring.json"
     keyring = FileKeyring.create(path)
+    async with encrypted_broker(
+        native_factory, pg_dsn, keyring, path, lambda: FileKeyring(path)
+    ) as e:
+        yield e
+
+
+@pytest.fixture
+async def hsm_enc(
+    native_factory: NativeFactory, tmp_path: Path, pg_dsn: str, softhsm: str
+) -> AsyncIterator[Encrypted]:
+    """The same broker with its KEKs in a (SoftHSM2) PKCS#11 token."""
+    from hsm_fixtures import PIN, TOKEN  # noqa: PLC0415
+
+    from securebroker.crypto.pkcs11keyring import Pkcs11Keyring  # noqa: PLC0415
+
+    lock = tmp_path / "kek.lock"
+    opened = [Pkcs11Keyring.initialise(softhsm, TOKEN, PIN, lock_path=lock)]
+
+    def reopen() -> Keyring:
+        opened.append(Pkcs11Keyring(softhsm, TOKEN, PIN, lock_path=lock))
+        return opened[-1]
+
+    try:
+        async with encrypted_broker(
+            native_factory, pg_dsn, opened[0], tmp_path / "unused", reopen
+        ) as e:
+            yield e
+    finally:
+        for kr in opened:
+            kr.close()
+
+
+@contextlib.asynccontextmanager
+async def encrypted_broker(
+    native_factory: NativeFactory,
+    pg_dsn: str,
+    keyring: Keyring,
+    path: Path,
+    reopen: Callable[[], Keyring],
+) -> AsyncIterator[Encrypted]:
     made: list[Envelope] = []
 
     def make(store: PostgresStore) -> Envelope:
@@ -92,7 +134,7 @@ async def enc(
     follower = asyncio.ensure_future(follow(pg_dsn, env, stop))
     try:
         yield Encrypted(
-            h, env, keyring, PostgresKeyStore(h.store.pool), path, pg_dsn, events, evented
+            h, env, keyring, PostgresKeyStore(h.store.pool), path, pg_dsn, events, evented, reopen
         )
     finally:
         stop.set()
@@ -193,6 +235,15 @@ async def test_swapped_ciphertexts_give_an_opaque_failure(enc: Encrypted) -> Non
 
 # -- rotation under load ------------------------------------------------------------------------
 async def test_rotation_and_rewrap_under_load(enc: Encrypted) -> None:
+    await rotation_and_rewrap_under_load(enc)
+
+
+async def test_rotation_and_rewrap_under_load_with_an_hsm(hsm_enc: Encrypted) -> None:
+    """The same run with KEKs that never leave a PKCS#11 token."""
+    await rotation_and_rewrap_under_load(hsm_enc)
+
+
+async def rotation_and_rewrap_under_load(enc: Encrypted) -> None:
     topics = [f"load.t{i}" for i in range(8)]
     await setup_topics(enc.h, *topics)
     pub = await enc.client()
@@ -255,7 +306,7 @@ async def test_rotation_and_rewrap_under_load(enc: Encrypted) -> None:
     assert got == published  # every message, before and after the rotation, readable
     # a fresh broker process (no cached keys) reads what is stored under the rewrapped DEKs
     late = await pub.publish(topics[0], b"after retire", idempotency_key="late")
-    fresh = Envelope(FileKeyring(enc.keyring_path), enc.keys)
+    fresh = Envelope(enc.reopen(), enc.keys)
     async with enc.h.store.pool.acquire() as conn:
         blob = await conn.fetchval("SELECT payload FROM sb_messages WHERE id = $1", late.message_id)
     [opened] = await fresh.open_many([(late.message_id, topics[0], bytes(blob))])

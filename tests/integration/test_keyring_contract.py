@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import glob
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hsm_fixtures import PIN, SUBPROCESS_TIMEOUT, TOKEN
 
 from securebroker.crypto.filekeyring import FileKeyring
 from securebroker.crypto.keyring import KekState, Keyring, KeyringError, UnwrapError
@@ -32,37 +31,6 @@ from securebroker.errors import ConfigError
 
 DEK = bytes(range(32))
 AAD = b"dek:0001|scope:topic/orders"
-PIN = "1234"
-SO_PIN = "0000"
-TOKEN = "sb-test"
-SUBPROCESS_TIMEOUT = 120
-
-SOFTHSM_MODULE_CANDIDATES = (
-    "/usr/lib/softhsm/libsofthsm2.so",  # Debian, Ubuntu
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",  # Fedora, RHEL
-    "/usr/lib64/softhsm/libsofthsm2.so",
-    "/usr/lib/pkcs11/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",  # source builds, FreeBSD
-    "/opt/homebrew/lib/softhsm/libsofthsm2.so",  # macOS
-)
-INSTALL_HINT = (
-    "SoftHSM2 is required for the PKCS#11 keyring tests: run scripts/_venv.sh as root on "
-    "Debian (it installs the softhsm2 package), or install SoftHSM2 and set SOFTHSM2_MODULE "
-    "to libsofthsm2.so"
-)
-
-
-def find_softhsm_module() -> str | None:
-    env = os.environ.get("SOFTHSM2_MODULE")
-    if env:
-        return env if os.path.exists(env) else None
-    for candidate in SOFTHSM_MODULE_CANDIDATES:
-        if os.path.exists(candidate):
-            return candidate
-    found = sorted(glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"))
-    return found[0] if found else None
 
 
 # -- provider harness ---------------------------------------------------------------------
@@ -100,40 +68,6 @@ def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return tmp
-
-
-@pytest.fixture
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private SoftHSM2 configuration and token directory with one fresh token; yields the
-    module path. The library is finalised afterwards so the next test starts clean."""
-    module = find_softhsm_module()
-    util = shutil.which("softhsm2-util")
-    if module is None or util is None:
-        pytest.fail(INSTALL_HINT)
-    try:
-        import pkcs11  # noqa: PLC0415
-    except ImportError:
-        pytest.fail("python-pkcs11 is missing: run scripts/_venv.sh (it installs '.[test]')")
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    subprocess.run(
-        [util, "--init-token", "--free", "--label", TOKEN, "--so-pin", SO_PIN, "--pin", PIN],
-        check=True,
-        capture_output=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
-    yield module
-    # SoftHSM reads its configuration and token list in C_Initialize: finalise so the next test
-    # (another token directory) initialises afresh. Every keyring is closed by now.
-    from securebroker.crypto import pkcs11keyring  # noqa: PLC0415
-
-    assert not pkcs11keyring._REGISTRY, "a Pkcs11Keyring was left open"
-    pkcs11.lib(module).finalize()
 
 
 @pytest.fixture(params=["file", "pkcs11"])
