@@ -29,6 +29,7 @@ from securebroker.errors import ConfigError, Unavailable
 from securebroker.server.admin import AdminService
 from securebroker.server.auth import Authenticator, Authorizer
 from securebroker.server.native import ListenerSettings, NativeServer, Wakeups
+from securebroker.server.seclog import SecurityLog
 from securebroker.store.group import GroupCommitStore
 from securebroker.store.migrate import MigrationError, pending
 from securebroker.store.postgres import PostgresStore
@@ -66,14 +67,6 @@ def listener_settings(config: Config, token_grace: float = 0.0) -> ListenerSetti
         max_connections_per_identity=lc.max_connections_per_identity,
         token_grace=token_grace,
     )
-
-
-def _log_refused(peer: str, reason: str) -> None:
-    log.warning("refused %s: %s", peer, reason)
-
-
-def _log_denied(peer: str, principal: str, reason: str) -> None:
-    log.warning("denied %s (%s): %s", principal, peer, reason)
 
 
 class BrokerApp:
@@ -137,8 +130,9 @@ class BrokerApp:
                 wakeups=Wakeups(),
             )
             # the specific reasons, which peers never see (the audit trail takes them over in #7)
-            native.on_refused = _log_refused
-            native.on_denied = _log_denied
+            seclog = SecurityLog()
+            native.on_refused = seclog.refused
+            native.on_denied = seclog.denied
             await native.start()
         except BaseException:
             await store.close()
