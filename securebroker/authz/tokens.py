@@ -95,6 +95,8 @@ class VerificationKey:
     kid: str
     key: jwt.PyJWK
     algorithms: tuple[str, ...]
+    #: the JWK as canonical JSON, to tell whether a reload changed anything
+    canonical: str
 
 
 def parse_jwks(
@@ -141,7 +143,7 @@ def parse_jwks(
             key = jwt.PyJWK(jwk, algorithm=algorithms[0])
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):  # msg echoes the JWK
             raise ConfigError(f"{where} ({kid!r}): not a valid {kty} key") from None
-        out[kid] = VerificationKey(kid, key, algorithms)
+        out[kid] = VerificationKey(kid, key, algorithms, json.dumps(jwk, sort_keys=True))
     return out
 
 
@@ -200,12 +202,20 @@ class KeySource:
         if stamp is None:
             raise ConfigError(f"auth.jwks_file: {self.file} not found")
         keys = parse_jwks(self.file.read_bytes(), self.allowed, source=str(self.file))
-        if _fingerprint(keys) != _fingerprint(self._file_keys):
-            self._file_keys = keys
-            self.generation += 1
-            log.info("JWKS file loaded: %d key(s): %s", len(keys), ", ".join(sorted(keys)))
-            return True
-        return False
+        if not self._changed(self._file_keys, keys, "file"):
+            return False
+        self._file_keys = keys
+        return True
+
+    def _changed(
+        self, old: Mapping[str, VerificationKey], new: Mapping[str, VerificationKey], what: str
+    ) -> bool:
+        """True (and logged, and ``generation`` bumped) when ``new`` differs from ``old``."""
+        if _fingerprint(new) == _fingerprint(old):
+            return False
+        self.generation += 1
+        log.info("JWKS %s loaded: %d key(s): %s", what, len(new), ", ".join(sorted(new)))
+        return True
 
     def _reload_file_quietly(self) -> None:
         try:
@@ -240,12 +250,10 @@ class KeySource:
             except (OSError, ConfigError) as exc:
                 log.warning("JWKS URL not fetched, keeping the previous keys: %s", _safe(exc))
                 return False
-            if _fingerprint(keys) != _fingerprint(self._url_keys):
-                self._url_keys = keys
-                self.generation += 1
-                log.info("JWKS URL loaded: %d key(s): %s", len(keys), ", ".join(sorted(keys)))
-                return True
-            return False
+            if not self._changed(self._url_keys, keys, "URL"):
+                return False
+            self._url_keys = keys
+            return True
 
     # -- lookup ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -271,8 +279,8 @@ class KeySource:
         return sorted({*self._file_keys, *self._url_keys})
 
 
-def _fingerprint(keys: Mapping[str, VerificationKey]) -> list[tuple[str, str]]:
-    return sorted((k, json.dumps(v.key._jwk_data, sort_keys=True)) for k, v in keys.items())
+def _fingerprint(keys: Mapping[str, VerificationKey]) -> dict[str, str]:
+    return {k: v.canonical for k, v in keys.items()}
 
 
 def _safe(exc: BaseException) -> str:

@@ -197,25 +197,38 @@ class Broker:
         """Accept every message or none; confirmed only after the transaction commits."""
         if not reqs:
             return []
-        if self.envelope is not None:
-            await self.envelope.prepare(self._key_scopes(reqs))
-        prepared = self._prepare_all(reqs, producer, scope)
+        key_scopes = self._key_scopes(reqs)
+        if self.envelope is not None and key_scopes is not None:
+            await self.envelope.prepare(key_scopes)
+        prepared = self._prepare_all(reqs, producer, scope, key_scopes)
         return await self.store.publish(prepared, self.settings.idempotency_retention)
 
-    def _key_scopes(self, reqs: Sequence[PublishRequest]) -> set[str]:
+    def _key_scopes(self, reqs: Sequence[PublishRequest]) -> list[str] | None:
+        """Each request's encryption scope (computed once per message), or None without
+        encryption."""
         env = self.envelope
-        assert env is not None
-        return {env.scope_for(r.topic, r.attributes) for r in reqs}
+        if env is None:
+            return None
+        return [env.scope_for(r.topic, r.attributes) for r in reqs]
 
     def _prepare_all(
-        self, reqs: Sequence[PublishRequest], producer: str, scope: str | None
+        self,
+        reqs: Sequence[PublishRequest],
+        producer: str,
+        scope: str | None,
+        key_scopes: Sequence[str] | None,
     ) -> list[PreparedMessage]:
         if len(reqs) > self.limits.max_batch:
             raise ValidationError(
                 f"batch of {len(reqs)} exceeds the limit of {self.limits.max_batch}"
             )
         now = self._now()
-        return [self.prepare(r, producer=producer, scope=scope, now=now) for r in reqs]
+        if key_scopes is None:
+            return [self.prepare(r, producer=producer, scope=scope, now=now) for r in reqs]
+        return [
+            self.prepare(r, producer=producer, scope=scope, now=now, key_scope=k)
+            for r, k in zip(reqs, key_scopes, strict=True)
+        ]
 
     def submit_publish(
         self, reqs: Sequence[PublishRequest], *, producer: str = ""
@@ -226,10 +239,11 @@ class Broker:
         """
         if not reqs:
             raise ValidationError("nothing to publish")
-        if self.envelope is not None and not self.envelope.ready(self._key_scopes(reqs)):
+        key_scopes = self._key_scopes(reqs)
+        if self.envelope is not None and not self.envelope.ready(key_scopes or ()):
             # a scope needs a new data key (first use, rollover, KEK rotation): the slow path
             return asyncio.ensure_future(self.publish_batch(reqs, producer=producer))
-        prepared = self._prepare_all(reqs, producer, None)
+        prepared = self._prepare_all(reqs, producer, None, key_scopes)
         retention = self.settings.idempotency_retention
         submit = getattr(self.store, "submit_publish", None)
         if submit is not None:
@@ -238,8 +252,16 @@ class Broker:
         return asyncio.ensure_future(self.store.publish(prepared, retention))
 
     def prepare(
-        self, req: PublishRequest, *, producer: str, scope: str | None, now: datetime
+        self,
+        req: PublishRequest,
+        *,
+        producer: str,
+        scope: str | None,
+        now: datetime,
+        key_scope: str | None = None,
     ) -> PreparedMessage:
+        """Validate ``req`` and build what the store needs; with encryption, seal the payload
+        under ``key_scope`` (computed here when the caller has not already)."""
         lim = self.limits
         check_name("topic", req.topic, lim)
         if not isinstance(req.payload, bytes | bytearray | memoryview):
@@ -268,7 +290,8 @@ class Broker:
         payload = bytes(req.payload)
         env = self.envelope
         if env is not None:
-            key_scope = env.scope_for(req.topic, req.attributes)
+            if key_scope is None:
+                key_scope = env.scope_for(req.topic, req.attributes)
             payload = env.seal(message_id, req.topic, key_scope, payload)
         return PreparedMessage(
             id=message_id,

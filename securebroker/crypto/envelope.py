@@ -200,12 +200,10 @@ class Envelope:
     # -- opening ---------------------------------------------------------------------------------
     async def open_many(self, items: Sequence[tuple[uuid.UUID, str, bytes]]) -> list[Opened]:
         """Open ``(message_id, topic, sealed)`` triples; fetch missing DEKs in one query."""
-        missing = {
-            did
-            for _, _, blob in items
-            if (did := _dek_key(blob)) is not None and self._cached(did) is None
-        }
+        dek_keys = [_dek_key(blob) for _, _, blob in items]
+        entries = {k: self._cached(k) for k in set(dek_keys) if k is not None}
         destroyed: set[bytes] = set()
+        missing = [k for k, entry in entries.items() if entry is None]
         if missing:
             stored = await self.keys.get_many([uuid.UUID(bytes=k) for k in missing])
             for dek_id, dek in stored.items():
@@ -220,23 +218,29 @@ class Envelope:
                 except KeyringError as exc:
                     log.warning("DEK %s not unwrapped: %s", dek_id, exc.code)
                     continue
-                self._remember(did, AESGCM(key), dek.scope)
-        return [self._open_one(mid, topic, blob, destroyed) for mid, topic, blob in items]
+                entries[did] = self._remember(did, AESGCM(key), dek.scope)
+        return [
+            self._open_one(
+                mid, topic, blob, None if did is None else entries.get(did), did in destroyed
+            )
+            for (mid, topic, blob), did in zip(items, dek_keys, strict=True)
+        ]
 
     def _open_one(
-        self, message_id: uuid.UUID, topic: str, blob: bytes, destroyed: set[bytes]
+        self,
+        message_id: uuid.UUID,
+        topic: str,
+        blob: bytes,
+        entry: tuple[AESGCM, str, float] | None,
+        destroyed: bool,
     ) -> Opened:
-        did = _dek_key(blob)
-        if did is None:
-            return Opened(b"", UNREADABLE)
-        if did in destroyed:
+        if destroyed:
             return Opened(b"", DESTROYED)
-        entry = self._cached(did)
-        if entry is None:
+        if entry is None:  # not a sealed payload, unknown DEK, or its KEK is gone
             return Opened(b"", UNREADABLE)
         try:
             plain = entry[0].decrypt(
-                blob[17:HEADER], blob[HEADER:], message_aad(message_id, topic, did)
+                blob[17:HEADER], blob[HEADER:], message_aad(message_id, topic, blob[1:17])
             )
         except InvalidTag:
             log.warning("payload of message %s failed authentication", message_id)
@@ -253,11 +257,12 @@ class Envelope:
         self._cache.move_to_end(did)
         return entry
 
-    def _remember(self, did: bytes, aead: AESGCM, scope: str) -> None:
-        self._cache[did] = (aead, scope, self._monotonic() + self.cache_ttl)
+    def _remember(self, did: bytes, aead: AESGCM, scope: str) -> tuple[AESGCM, str, float]:
+        entry = self._cache[did] = (aead, scope, self._monotonic() + self.cache_ttl)
         self._cache.move_to_end(did)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+        return entry
 
     # -- key events ------------------------------------------------------------------------------
     def on_event(self, event: str) -> None:
