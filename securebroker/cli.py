@@ -26,6 +26,7 @@ import click
 from securebroker import __version__, embedded
 from securebroker.client import Client, connect
 from securebroker.config import (
+    AuditConfig,
     AuthConfig,
     Config,
     DatabaseConfig,
@@ -37,6 +38,7 @@ from securebroker.config import (
 from securebroker.errors import BrokerError, ConfigError
 from securebroker.secrets import ensure_random_key, read_key, write_private
 from securebroker.store.migrate import create_database, migrate_dsn
+from securebroker.store.postgres import create_pool
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -222,6 +224,7 @@ def dev(home: Path, certs: Path, port: int) -> None:
     config.encryption = EncryptionConfig(
         keyring="file", keyring_file=str(_ensure_dev_keyring(home / "keyring.json"))
     )
+    config.audit = AuditConfig(signing_key=str(_ensure_dev_audit_key(home / "audit-signing.pem")))
     # operator commands (`keys … --config`, `serve`, `migrate`) work against this setup too
     write_private(home / "broker.toml", dump(config).encode())
     fp_key = read_key(key_file, setting="broker.fingerprint_key_file")
@@ -233,6 +236,17 @@ def _ensure_dev_keyring(path: Path) -> Path:
 
     if not path.exists():
         FileKeyring.create(path)
+    return path.resolve()
+
+
+def _ensure_dev_audit_key(path: Path) -> Path:
+    from securebroker.audit.checkpoint import SigningKey  # noqa: PLC0415
+
+    if not path.exists():
+        SigningKey.create(path)
+    public = path.with_suffix(".pub")  # what an auditor pins: `audit verify --public-key`
+    if not public.exists():
+        public.write_text(SigningKey.load(path).public_bytes().hex() + "\n", encoding="utf-8")
     return path.resolve()
 
 
@@ -720,11 +734,50 @@ async def _with_keys(config_path: Path, work: Callable[[Any, Any], Awaitable[T]]
     keyring = open_keyring(config.encryption)
     if keyring is None:
         raise ConfigError('encryption.keyring: "none" has no keys to manage')
-    pool = await asyncpg.create_pool(config.database.dsn, min_size=1, max_size=2)
+    pool = await create_pool(config.database.dsn, min_size=1, max_size=2)
     try:
-        return await work(keyring, PostgresKeyStore(pool))
+        audit = await _operator_audit(config, pool)
+        try:
+            return await work(keyring, PostgresKeyStore(pool, audit, _operator_actor()))
+        finally:
+            if audit is not None:
+                await audit.close()  # the queued records, and a signed checkpoint if we can
     finally:
         await pool.close()
+
+
+def _operator_actor() -> Any:
+    """An operator at this machine: the OS user, the host, the CLI."""
+    import getpass  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from securebroker.audit.record import Actor  # noqa: PLC0415
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Actor(certificate=f"os-user:{user}", address=socket.gethostname(), protocol="cli")
+
+
+async def _operator_audit(config: Config, pool: Any) -> Any:
+    """The audit log for an operator command that changes keys directly in the database: its
+    records go on a chain of their own, signed at the end when the signing key is readable
+    here (else `audit verify` reports the chain as not covered by a checkpoint)."""
+    from securebroker.audit.checkpoint import AuditError, SigningKey  # noqa: PLC0415
+    from securebroker.audit.log import AuditLog  # noqa: PLC0415
+
+    if not config.audit.enabled:
+        return None
+    signer = None
+    if config.audit.signing_key:
+        try:
+            signer = SigningKey.load(config.audit.signing_key, setting="audit.signing_key")
+        except (AuditError, OSError) as exc:
+            click.echo(f"warning: audit records will not be signed here: {exc}", err=True)
+    audit = AuditLog(pool, signer=signer, checkpoint_interval=3600)
+    await audit.start()
+    return audit
 
 
 @keys.command("init")
@@ -982,6 +1035,267 @@ def policy_check(
         for m in matches:
             click.echo(f"  {m}")
     sys.exit(0 if decision.allowed else 1)
+
+
+# -- audit (auditor commands: a running broker, the auditor's certificate and token) ------------
+from securebroker.audit.cli import audit as audit_group  # noqa: E402
+
+main.add_command(audit_group)
+
+TRAIL_COLUMNS = ("at", "event", "outcome", "actor", "origin", "subscription", "detail")
+
+
+def _trail_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "at": r["at"],
+            "event": r["event"],
+            "outcome": r["outcome"],
+            "actor": r["actor_cert"] + (f" ({r['actor_sub']})" if r["actor_sub"] else ""),
+            "origin": f"{r['origin_proto']} {r['origin_addr']}".strip(),
+            "topic": r["topic"],
+            "subscription": r["subscription"],
+            "message_id": r["message_id"],
+            "trace_id": r["trace_id"],
+            "detail": r["detail"],
+        }
+        for r in records
+    ]
+
+
+def _iso(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time", param_hint=option) from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
+
+
+@audit_group.command("trail")
+@click.argument("message_id")
+@json_option
+@client_options("dev-admin")
+@friendly
+def audit_trail(message_id: str, as_json: bool, **kw: Any) -> None:
+    """The whole life of one message: publish, duplicates, deliveries, settles, dead letters."""
+    t = _target(kw, as_json)
+    result = _run(_with_client(t, lambda c: c.admin("audit.trail", message_id=message_id)))
+    records = result["records"]
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+    elif not records:
+        click.echo(f"no audit records for message {message_id}")
+    else:
+        first = records[0]
+        click.echo(f"message {message_id}  topic {first['topic']}")
+        click.echo(_table(_trail_rows(records), TRAIL_COLUMNS))
+
+
+@audit_group.command("search")
+@click.option("--actor", default=None, help="certificate identity or token subject")
+@click.option("--topic", default=None)
+@click.option("--event", default=None, help="event type, e.g. authorization_denied")
+@click.option("--since", default=None, help="ISO 8601 time (default: the beginning)")
+@click.option("--until", default=None, help="ISO 8601 time (default: now)")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@json_option
+@client_options("dev-admin")
+@friendly
+def audit_search(
+    actor: str | None,
+    topic: str | None,
+    event: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+    **kw: Any,
+) -> None:
+    """Records by actor, topic, event type and time range, oldest first."""
+    t = _target(kw, as_json)
+    args: dict[str, Any] = {
+        "actor": actor,
+        "topic": topic,
+        "event": event,
+        "since": _iso(since, "--since"),
+        "until": _iso(until, "--until"),
+    }
+
+    async def work(c: Client) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = None
+        while len(out) < limit:
+            page = await c.admin(
+                "audit.search", **args, after=after, limit=min(1000, limit - len(out))
+            )
+            out += page["records"]
+            after = page["next"]
+            if after is None:
+                break
+        return out
+
+    records = _run(_with_client(t, work))
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+    else:
+        click.echo(
+            _table(
+                _trail_rows(records),
+                (
+                    "at",
+                    "event",
+                    "outcome",
+                    "actor",
+                    "topic",
+                    "subscription",
+                    "message_id",
+                    "detail",
+                ),
+            )
+        )
+
+
+@audit_group.command("export")
+@click.option("--since", default=None, help="ISO 8601 time (default: the beginning)")
+@click.option("--until", default=None, help="ISO 8601 time (default: now)")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="bundle file to write (.jsonl, or .jsonl.gz to compress)",
+)
+@click.option("--force", is_flag=True, help="replace an existing bundle file")
+@client_options("dev-admin")
+@friendly
+def audit_export(
+    since: str | None, until: str | None, output: Path, force: bool, **kw: Any
+) -> None:
+    """Write a self-contained bundle (records, signed checkpoints, public keys) that
+    `securebroker audit verify` checks with no database or broker."""
+    from securebroker.audit.bundle import BundleWriter  # noqa: PLC0415
+    from securebroker.audit.checkpoint import Checkpoint  # noqa: PLC0415
+    from securebroker.audit.record import AuditRecord  # noqa: PLC0415
+
+    t = _target(kw)
+    lo = _iso(since, "--since")
+    hi = _iso(until, "--until")  # None: up to now, as the broker sees it after signing
+
+    async def work(c: Client) -> tuple[int, int]:
+        # checkpoints first: records committed meanwhile are merely not yet covered, whereas
+        # a checkpoint newer than the records would make the bundle look truncated
+        signed = await c.admin("audit.checkpoints", since=lo, until=hi)
+        keys = [bytes.fromhex(k["public_key"]) for k in signed["public_keys"]]
+        start = signed["since"]  # where the kept log starts, if months were pruned
+        end = signed["until"]
+        records = 0
+        with BundleWriter(
+            output,
+            since=None if start is None else datetime.fromisoformat(start),
+            until=datetime.fromisoformat(end),
+            public_keys=keys,
+            source=f"securebroker at {t.host}:{t.port}",
+            overwrite=force,
+        ) as bundle:
+            for cp in signed["checkpoints"]:
+                bundle.checkpoint(Checkpoint.from_json(cp))
+            after = None
+            while True:
+                page = await c.admin("audit.export", since=start, until=end, after=after)
+                for r in page["records"]:
+                    bundle.record(AuditRecord.from_json(r))
+                records += len(page["records"])
+                after = page["next"]
+                if after is None:
+                    break
+        return records, len(signed["checkpoints"])
+
+    records, checkpoints = _run(_with_client(t, work))
+    click.echo(f"wrote {output}: {records} records, {checkpoints} signed checkpoints")
+
+
+@audit_group.command("prune")
+@click.option("--before", required=True, help="YYYY-MM: drop the months before this one")
+@click.option(
+    "--bundle",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="an export (`audit export`) holding every record of those months",
+)
+@click.option(
+    "--public-key",
+    default=None,
+    help="the checkpoint signing key to trust (hex or file; default: the public half of "
+    "audit.signing_key)",
+)
+@click.option("--min-age-months", type=click.IntRange(1, 1200), default=12, show_default=True)
+@click.option("--confirm", is_flag=True, help="required: dropped months are gone from the database")
+@config_option
+@friendly
+def audit_prune(
+    before: str,
+    bundle: Path,
+    public_key: str | None,
+    min_age_months: int,
+    confirm: bool,
+    config_path: Path,
+) -> None:
+    """Retention: drop whole months of the audit log that a verified export holds."""
+    from securebroker.audit.checkpoint import SigningKey  # noqa: PLC0415
+    from securebroker.audit.cli import parse_public_key  # noqa: PLC0415
+    from securebroker.audit.retention import prune  # noqa: PLC0415
+
+    try:
+        month = datetime.strptime(before, "%Y-%m").date()
+    except ValueError:
+        raise click.BadParameter(f"{before!r}: expected YYYY-MM", param_hint="--before") from None
+    if not confirm:
+        raise click.UsageError("pass --confirm: pruned months are removed from the database")
+    config = load(config_path)
+    if public_key is not None:
+        trusted = parse_public_key(public_key)
+    elif config.audit.signing_key:
+        trusted = SigningKey.load(config.audit.signing_key).public_bytes()
+    else:
+        raise ConfigError("--public-key: required (no audit.signing_key configured)")
+
+    async def work() -> Any:
+        pool = await create_pool(config.database.dsn, min_size=1, max_size=2)
+        try:
+            audit = await _operator_audit(config, pool)
+            assert audit is not None
+            try:
+                return await prune(
+                    audit,
+                    before=month,
+                    bundle_path=bundle,
+                    trusted_key=trusted,
+                    now=datetime.now(UTC),
+                    min_age_months=min_age_months,
+                    actor=_operator_actor(),
+                )
+            finally:
+                await audit.close()
+        finally:
+            await pool.close()
+
+    for p in _run(work()):
+        click.echo(f"pruned {p.month:%Y-%m}: {p.records} records (kept in {bundle})")
+
+
+@audit_group.command("keygen")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@friendly
+def audit_keygen(path: Path) -> None:
+    """Create the Ed25519 key that signs audit checkpoints (mode 0600; keep it off the
+    database host). Prints the key id and public key for auditors to pin."""
+    from securebroker.audit.checkpoint import SigningKey  # noqa: PLC0415
+
+    key = SigningKey.create(path)
+    click.echo(f"key id {key.key_id}")
+    click.echo(f"public key {key.public_bytes().hex()}")
 
 
 from securebroker.bench.command import bench as bench_command  # noqa: E402

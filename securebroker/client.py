@@ -11,6 +11,13 @@ publish interrupted by a lost connection is retried after reconnecting with the 
 a retry can only ever come back as ``duplicate=True``, never as a second message. Consumers are
 re-subscribed on reconnect; deliveries received before the loss keep their lease tokens and can
 still be acked while the lease lasts.
+
+Tracing (OpenTelemetry, messaging semantic conventions; ADR 0009): each publish makes a ``send``
+span and carries its context in the message's ``trace_context``; ``with message.process():``
+wraps the handling of a delivered message in a ``process`` span linked to the producer's; ``ack``
+and ``nack`` make ``settle`` spans. Spans go to the global tracer provider, or to the one given
+to ``connect(tracer_provider=...)``; with no OpenTelemetry SDK configured they cost next to
+nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from types import TracebackType
 from typing import Any
 
 import jwt
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import Span, TracerProvider
 
 from securebroker.clock import from_ms, to_ms
 from securebroker.core.model import PublishRequest, PublishResult
@@ -40,6 +49,8 @@ from securebroker.errors import (
 )
 from securebroker.protocol import codec
 from securebroker.protocol import frames as f
+from securebroker.telemetry.instrument import ClientTracing
+from securebroker.telemetry.semconv import Operation
 from securebroker.tls import client_context
 
 log = logging.getLogger("securebroker.client")
@@ -106,6 +117,13 @@ class Message:
             raise PayloadUnavailable(self.payload_error, self.id)
         return self._payload
 
+    def process(self) -> contextlib.AbstractContextManager[Span]:
+        """Trace the handling of this message: ``with message.process(): ...`` opens a CONSUMER
+        span ``process {topic}``, current inside the block and linked to the producer's span
+        (the context the message carries). An exception leaving the block marks the span
+        failed and propagates; settle the message yourself, inside or after the block."""
+        return self._client._tracing.process(self, body_size=len(self._payload))
+
     def _item(self) -> f.SettleItem:
         return f.SettleItem(
             subscription=self.subscription, message_id=str(self.id), lease_token=self.lease_token
@@ -117,7 +135,8 @@ class Message:
         Acks issued in the same event-loop turn travel together in one ACK frame (and so in one
         broker transaction); each caller still gets its own result.
         """
-        await self._client._acks.submit(self._item())
+        with self._client._tracing.settle(self, Operation.ACK):
+            await self._client._acks.submit(self._item())
 
     async def nack(self, error: str = "", *, delay: timedelta | None = None) -> None:
         """Give it back for redelivery (after backoff, or ``delay``); counts as an attempt."""
@@ -128,7 +147,8 @@ class Message:
             error=error[:1024],
             delay_ms=None if delay is None else int(delay.total_seconds() * 1000),
         )
-        _raise_settle(await self._client.request(f.Nack(items=[item])))
+        with self._client._tracing.settle(self, Operation.NACK):
+            _raise_settle(await self._client.request(f.Nack(items=[item])))
 
     async def extend(self, lease: timedelta) -> datetime:
         reply = await self._client.request(
@@ -287,6 +307,8 @@ class Client:
         connect_timeout: float,
         retry_for: float,
         token_provider: TokenProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+        propagator: TextMapPropagator | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -305,6 +327,18 @@ class Client:
         self._acks = _AckBatcher(self)
         self.principal: str | None = None
         self.reconnects = 0
+        self._tracing = ClientTracing(
+            host=host,
+            port=port,
+            tracer_provider=tracer_provider,
+            propagator=propagator,
+            client_id=self._session,
+        )
+
+    def _session(self) -> str | None:
+        """The broker's session id of the current connection (``messaging.client.id``)."""
+        link = self._link
+        return None if link is None or link.welcome is None else link.welcome.session
 
     # -- connection management ---------------------------------------------------------------
     async def _open(self) -> _Link:
@@ -560,11 +594,15 @@ class Client:
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> list[PublishResult]:
         """Publish atomically: all committed, or none (the error says why)."""
         items = [_to_item(m, m.idempotency_key or str(uuid.uuid4())) for m in messages]
-        frame: f.Frame = (
-            f.Publish(message=items[0]) if len(items) == 1 else f.PublishBatch(messages=items)
-        )
-        reply = await self.request(frame, retry=True)
-        assert isinstance(reply, f.Confirm)
+        with self._tracing.send(items) as span:  # injects each message's creation context
+            frame: f.Frame = (
+                f.Publish(message=items[0]) if len(items) == 1 else f.PublishBatch(messages=items)
+            )
+            reply = await self.request(frame, retry=True)
+            assert isinstance(reply, f.Confirm)
+            if len(reply.results) == 1:
+                r = reply.results[0]
+                self._tracing.confirmed(span, r.message_id, duplicate=r.duplicate)
         return [PublishResult(uuid.UUID(r.message_id), r.duplicate) for r in reply.results]
 
     def consume(
@@ -687,11 +725,18 @@ async def connect(
     connect_timeout: float = 10.0,
     retry_for: float = 60.0,
     ssl_context: ssl.SSLContext | None = None,
+    tracer_provider: TracerProvider | None = None,
+    propagator: TextMapPropagator | None = None,
 ) -> Client:
     """Connect over mutual TLS and say HELLO; raises on refusal (never retries a refusal).
 
     Pass ``token`` for a fixed bearer token, or ``token_provider`` to have the client fetch one
-    at connect and reconnect and refresh it in-band before it expires."""
+    at connect and reconnect and refresh it in-band before it expires.
+
+    Spans go to ``tracer_provider`` (default: OpenTelemetry's global provider). Trace context
+    travels in messages as W3C ``traceparent``/``tracestate``; pass ``propagator`` (e.g.
+    ``opentelemetry.propagate.get_global_textmap()``) to use another (see
+    ``securebroker.telemetry.propagation`` for why the default leaves baggage out)."""
     ctx = ssl_context or client_context(cert=Path(cert), key=Path(key), ca=Path(ca))
     client = Client(
         host,
@@ -703,6 +748,8 @@ async def connect(
         connect_timeout=connect_timeout,
         retry_for=retry_for,
         token_provider=token_provider,
+        tracer_provider=tracer_provider,
+        propagator=propagator,
     )
     await client.start()
     return client

@@ -132,6 +132,55 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("auth.require_bound_token: needs auth.jwks_file or auth.jwks_url")
 
 
+class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """OpenTelemetry tracing of the broker's own work (docs/operations.md "Tracing", ADR 0009)."""
+
+    #: broker-side spans (publish, deliver, settle); off by default, and then nothing is paid
+    traces: bool = False
+    #: base URL of an OTLP/HTTP collector ("http://collector:4318"; "/v1/traces" is appended);
+    #: unset: the exporter's own default and ``OTEL_EXPORTER_OTLP_*`` environment variables
+    otlp_endpoint: str | None = None
+    service_name: str = "securebroker"
+    #: fraction of new traces kept (spans whose producer's trace was sampled follow it)
+    sample_ratio: float = 1.0
+
+    def validate(self) -> None:
+        if not self.service_name.strip():
+            raise ConfigError("telemetry.service_name: must not be empty")
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError("telemetry.sample_ratio: must be between 0 and 1")
+        if self.otlp_endpoint is not None:
+            from urllib.parse import urlsplit  # noqa: PLC0415
+
+            url = urlsplit(self.otlp_endpoint)
+            try:
+                url.port  # noqa: B018 (raises on a malformed port)
+            except ValueError:
+                url = url._replace(netloc="")
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(
+                    "telemetry.otlp_endpoint: must be an http:// or https:// URL with a host"
+                )
+
+
+class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The tamper-evident audit trail (docs/security.md, ADR 0008)."""
+
+    #: off only for benchmarks and tests: ``serve`` warns loudly
+    enabled: bool = True
+    #: Ed25519 private key (PEM) that signs checkpoints; keep it outside the database host's
+    #: reach of database administrators (``securebroker audit keygen`` creates one)
+    signing_key: str = ""
+    checkpoint_interval_seconds: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 60.0
+
+    def validate(self) -> None:
+        if self.enabled and not self.signing_key:
+            raise ConfigError(
+                "audit.signing_key: required when audit.enabled is true (an Ed25519 key file; "
+                "`securebroker audit keygen PATH` creates one)"
+            )
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
@@ -139,6 +188,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     encryption: EncryptionConfig = msgspec.field(default_factory=EncryptionConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
 
     def core_settings(self) -> CoreSettings:
         b = self.broker
@@ -161,6 +212,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("database.pool_min: must not exceed database.pool_max")
         if self.broker.backoff_base_ms > self.broker.backoff_max_ms:
             raise ConfigError("broker.backoff_base_ms: must not exceed broker.backoff_max_ms")
+        self.telemetry.validate()
         return self
 
 
@@ -229,6 +281,8 @@ def dump(cfg: Config) -> str:
     for section, values in msgspec.to_builtins(cfg).items():
         lines.append(f"[{section}]")
         for key, value in values.items():
+            if value is None:  # unset optional settings: TOML has no null
+                continue
             # JSON strings, numbers, booleans and string arrays are valid TOML values
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")

@@ -44,8 +44,8 @@ subjects = ["dev-client"]
 
 [[rules]]
 id = "dev-admin-everything"
-description = "the dev admin administers, publishes and consumes everything"
-actions = ["admin", "publish", "consume"]
+description = "the dev admin administers, publishes, consumes and audits everything"
+actions = ["admin", "publish", "consume", "audit"]
 topics = ["#"]
 subjects = ["dev-admin"]
 """

@@ -8,7 +8,8 @@ so the hot path pays a dict lookup per message, not a policy evaluation or a sig
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class Auth:
     policies: PolicyStore
     #: seconds past ``exp`` a connection may live (the verifier's leeway)
     token_grace: float
+    #: told of every reload that changed the policy or failed: ``(ok, digest or error)``
+    on_reload: Callable[[bool, str], None] = field(default=lambda ok, info: None)
 
     def reload_policies(self) -> bool:
         """Reload the policy files; a bad file is logged and the old policy stays in force."""
@@ -60,9 +63,11 @@ class Auth:
             error = ""
         if error:
             log.error("policy not reloaded, the previous policy stays in force: %s", error)
+            self.on_reload(False, error)
             return False
         if changed:
             p = self.policies.policy
+            self.on_reload(True, p.digest)
             log.info(
                 "policy reloaded: %d rule(s), digest %s, generation %d",
                 p.rule_count,

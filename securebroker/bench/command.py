@@ -47,7 +47,17 @@ from securebroker.bench.runner import TARGETS, WORKLOADS, run_all
     help="securebroker with payloads sealed at rest under a file keyring (on), or stored in "
     "plaintext (off): the two runs give the cost of encryption",
 )
-def bench(quick: bool, targets: str, workloads: str, out: Path, auth: str, encryption: str) -> None:
+@click.option(
+    "--audit",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="securebroker writing its hash-chained audit trail (on) or none (off): the two runs "
+    "give the cost of auditing",
+)
+def bench(
+    quick: bool, targets: str, workloads: str, out: Path, auth: str, encryption: str, audit: str
+) -> None:
     """Run the benchmark workloads against securebroker and its peers on this machine."""
     chosen_targets = [t.strip() for t in targets.split(",") if t.strip()]
     chosen_workloads = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -64,6 +74,7 @@ def bench(quick: bool, targets: str, workloads: str, out: Path, auth: str, encry
         out_dir=out,
         auth=auth,
         encryption=encryption,
+        audit=audit,
     )
     click.echo(path.with_suffix(".md").read_text())
     click.echo(f"results: {path}")

@@ -115,8 +115,22 @@ def _encryption_section(workdir: Path, mode: str) -> str:
     return f'[encryption]\nkeyring = "file"\nkeyring_file = "{path}"\n'
 
 
+def _audit_section(workdir: Path, mode: str) -> str:
+    if mode == "off":
+        return "[audit]\nenabled = false\n"
+    from securebroker.audit.checkpoint import SigningKey  # noqa: PLC0415
+
+    path = workdir / "audit-signing.pem"
+    SigningKey.create(path)
+    return f'[audit]\nsigning_key = "{path}"\n'
+
+
 def start_securebroker(
-    workdir: Path, group_commit: bool = True, auth: str = "on", encryption: str = "on"
+    workdir: Path,
+    group_commit: bool = True,
+    auth: str = "on",
+    encryption: str = "on",
+    audit: str = "on",
 ) -> SecureBrokerUnderTest:
     pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
     cert, ckey = pki.clients["bench-client"]
@@ -152,6 +166,7 @@ level = "warning"
 
 {auth_section}
 {_encryption_section(workdir, encryption)}
+{_audit_section(workdir, audit)}
 """
     )
     log = (workdir / "broker.log").open("wb")
@@ -313,7 +328,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Run {meta['started']} on {meta['machine']} ({meta['mode']} mode), "
         f"command `{meta['command']}`; securebroker ACLs {meta.get('securebroker_auth', 'on')}, "
-        f"encryption at rest {meta.get('securebroker_encryption', 'on')}.",
+        f"encryption at rest {meta.get('securebroker_encryption', 'on')}, "
+        f"audit trail {meta.get('securebroker_audit', 'on')}.",
         "",
         "| workload | target | publish msg/s | consume msg/s | confirm p50/p99/p99.9 ms "
         "| e2e p50/p99/p99.9 ms | CPU µs/msg | errors |",
@@ -348,6 +364,7 @@ def run_all(
     out_dir: Path,
     auth: str = "on",
     encryption: str = "on",
+    audit: str = "on",
 ) -> Path:
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -355,6 +372,7 @@ def run_all(
         "mode": "quick" if quick else "full",
         "securebroker_auth": auth,
         "securebroker_encryption": encryption,
+        "securebroker_audit": audit,
         "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
     }
     params = plan(quick)
@@ -364,7 +382,7 @@ def run_all(
     try:
         needs_pg = "securebroker" in targets or "pgqueuer" in targets
         if needs_pg:
-            sb = start_securebroker(work, auth=auth, encryption=encryption)
+            sb = start_securebroker(work, auth=auth, encryption=encryption, audit=audit)
         for wl in workloads:
             spec = params[wl]
             for target in targets:

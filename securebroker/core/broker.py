@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from securebroker.audit.record import Actor
 from securebroker.clock import Clock, SystemClock
 from securebroker.core.model import (
     CleanupResult,
@@ -137,8 +138,10 @@ class Broker:
         return self.settings.limits
 
     # -- topics and subscriptions ------------------------------------------------------------
-    async def create_topic(self, name: str) -> TopicInfo:
-        return await self.store.create_topic(check_name("topic", name, self.limits), self._now())
+    async def create_topic(self, name: str, *, actor: Actor | None = None) -> TopicInfo:
+        return await self.store.create_topic(
+            check_name("topic", name, self.limits), self._now(), actor=actor
+        )
 
     async def get_topic(self, name: str) -> TopicInfo:
         return await self.store.get_topic(name)
@@ -146,8 +149,10 @@ class Broker:
     async def list_topics(self) -> list[TopicInfo]:
         return await self.store.list_topics()
 
-    async def delete_topic(self, name: str, *, force: bool = False) -> None:
-        await self.store.delete_topic(name, force=force)
+    async def delete_topic(
+        self, name: str, *, force: bool = False, actor: Actor | None = None
+    ) -> None:
+        await self.store.delete_topic(name, force=force, now=self._now(), actor=actor)
 
     async def create_subscription(
         self,
@@ -158,6 +163,7 @@ class Broker:
         lease: timedelta | None = None,
         backoff_base: timedelta | None = None,
         backoff_max: timedelta | None = None,
+        actor: Actor | None = None,
     ) -> SubscriptionInfo:
         d = self.settings.default_subscription
         settings = SubscriptionSettings(
@@ -176,6 +182,7 @@ class Broker:
             check_name("topic", topic, self.limits),
             settings,
             self._now(),
+            actor=actor,
         )
 
     async def get_subscription(self, name: str) -> SubscriptionInfo:
@@ -184,15 +191,24 @@ class Broker:
     async def list_subscriptions(self, topic: str | None = None) -> list[SubscriptionInfo]:
         return await self.store.list_subscriptions(topic)
 
-    async def delete_subscription(self, name: str, *, force: bool = False) -> None:
-        await self.store.delete_subscription(name, force=force)
+    async def delete_subscription(
+        self, name: str, *, force: bool = False, actor: Actor | None = None
+    ) -> None:
+        await self.store.delete_subscription(name, force=force, now=self._now(), actor=actor)
 
     # -- publish -------------------------------------------------------------------------------
-    async def publish(self, req: PublishRequest, *, producer: str = "") -> PublishResult:
-        return (await self.publish_batch([req], producer=producer))[0]
+    async def publish(
+        self, req: PublishRequest, *, producer: str = "", actor: Actor | None = None
+    ) -> PublishResult:
+        return (await self.publish_batch([req], producer=producer, actor=actor))[0]
 
     async def publish_batch(
-        self, reqs: Sequence[PublishRequest], *, producer: str = "", scope: str | None = None
+        self,
+        reqs: Sequence[PublishRequest],
+        *,
+        producer: str = "",
+        scope: str | None = None,
+        actor: Actor | None = None,
     ) -> list[PublishResult]:
         """Accept every message or none; confirmed only after the transaction commits."""
         if not reqs:
@@ -200,7 +216,7 @@ class Broker:
         key_scopes = self._key_scopes(reqs)
         if self.envelope is not None and key_scopes is not None:
             await self.envelope.prepare(key_scopes)
-        prepared = self._prepare_all(reqs, producer, scope, key_scopes)
+        prepared = self._prepare_all(reqs, producer, scope, key_scopes, actor)
         return await self.store.publish(prepared, self.settings.idempotency_retention)
 
     def _key_scopes(self, reqs: Sequence[PublishRequest]) -> list[str] | None:
@@ -217,6 +233,7 @@ class Broker:
         producer: str,
         scope: str | None,
         key_scopes: Sequence[str] | None,
+        actor: Actor | None = None,
     ) -> list[PreparedMessage]:
         if len(reqs) > self.limits.max_batch:
             raise ValidationError(
@@ -224,14 +241,16 @@ class Broker:
             )
         now = self._now()
         if key_scopes is None:
-            return [self.prepare(r, producer=producer, scope=scope, now=now) for r in reqs]
+            return [
+                self.prepare(r, producer=producer, scope=scope, now=now, actor=actor) for r in reqs
+            ]
         return [
-            self.prepare(r, producer=producer, scope=scope, now=now, key_scope=k)
+            self.prepare(r, producer=producer, scope=scope, now=now, key_scope=k, actor=actor)
             for r, k in zip(reqs, key_scopes, strict=True)
         ]
 
     def submit_publish(
-        self, reqs: Sequence[PublishRequest], *, producer: str = ""
+        self, reqs: Sequence[PublishRequest], *, producer: str = "", actor: Actor | None = None
     ) -> asyncio.Future[list[PublishResult]]:
         """``publish_batch`` without a coroutine per request: validate now (raising at once on
         bad input), then return a future that resolves after the commit. The native front door
@@ -242,8 +261,8 @@ class Broker:
         key_scopes = self._key_scopes(reqs)
         if self.envelope is not None and not self.envelope.ready(key_scopes or ()):
             # a scope needs a new data key (first use, rollover, KEK rotation): the slow path
-            return asyncio.ensure_future(self.publish_batch(reqs, producer=producer))
-        prepared = self._prepare_all(reqs, producer, None, key_scopes)
+            return asyncio.ensure_future(self.publish_batch(reqs, producer=producer, actor=actor))
+        prepared = self._prepare_all(reqs, producer, None, key_scopes, actor)
         retention = self.settings.idempotency_retention
         submit = getattr(self.store, "submit_publish", None)
         if submit is not None:
@@ -259,6 +278,7 @@ class Broker:
         scope: str | None,
         now: datetime,
         key_scope: str | None = None,
+        actor: Actor | None = None,
     ) -> PreparedMessage:
         """Validate ``req`` and build what the store needs; with encryption, seal the payload
         under ``key_scope`` (computed here when the caller has not already)."""
@@ -308,6 +328,7 @@ class Broker:
             producer_scope=producer if scope is None else scope,
             fingerprint=fingerprint(self._fp_key, req),
             published_at=now,
+            actor=actor,
         )
 
     # -- consume -------------------------------------------------------------------------------
@@ -318,13 +339,16 @@ class Broker:
         *,
         lease: timedelta | None = None,
         consumer: str = "",
+        actor: Actor | None = None,
     ) -> list[Delivery]:
         """Lease up to ``max_messages`` ready deliveries; each carries a fresh fencing token."""
         if not 1 <= max_messages <= self.limits.max_receive:
             raise ValidationError(f"max_messages must be between 1 and {self.limits.max_receive}")
         if lease is not None:
             self._check_lease(lease)
-        batch = await self.store.lease(subscription, max_messages, lease, consumer, self._now())
+        batch = await self.store.lease(
+            subscription, max_messages, lease, consumer, self._now(), actor=actor
+        )
         if self.envelope is None or not batch:
             return batch
         opened = await self.envelope.open_many([(d.message_id, d.topic, d.payload) for d in batch])
@@ -347,7 +371,12 @@ class Broker:
                 raise ValidationError("nack delay must be between 0 and 12 hours")
         cleaned = [
             NackRef(
-                r.subscription, r.message_id, r.lease_token, _clip(r.error, self.limits), r.delay
+                r.subscription,
+                r.message_id,
+                r.lease_token,
+                _clip(r.error, self.limits),
+                r.delay,
+                r.actor,
             )
             for r in refs
         ]
@@ -366,12 +395,18 @@ class Broker:
         return await self.store.list_dead(subscription, limit, after)
 
     async def redrive(
-        self, subscription: str, message_ids: Sequence[uuid.UUID] | None = None
+        self,
+        subscription: str,
+        message_ids: Sequence[uuid.UUID] | None = None,
+        *,
+        actor: Actor | None = None,
     ) -> int:
-        return await self.store.redrive(subscription, message_ids, self._now())
+        return await self.store.redrive(subscription, message_ids, self._now(), actor=actor)
 
-    async def purge(self, subscription: str, *, dead: bool = False) -> int:
-        return await self.store.purge(subscription, dead=dead)
+    async def purge(
+        self, subscription: str, *, dead: bool = False, actor: Actor | None = None
+    ) -> int:
+        return await self.store.purge(subscription, dead=dead, now=self._now(), actor=actor)
 
     async def sweep(self, limit: int = 1000) -> SweepResult:
         return await self.store.sweep(self._now(), limit)

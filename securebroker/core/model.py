@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from securebroker.audit.record import Actor
+
 EMPTY: Mapping[str, str] = {}
 
 
@@ -96,6 +98,8 @@ class PreparedMessage:
     producer_scope: str
     fingerprint: bytes
     published_at: datetime
+    #: who published, for the audit trail
+    actor: Actor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,8 @@ class SettleRef:
     subscription: str
     message_id: uuid.UUID
     lease_token: uuid.UUID
+    #: who settles, for the audit trail
+    actor: Actor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +150,7 @@ class NackRef:
     error: str = ""
     #: explicit redelivery delay; ``None`` means the subscription's exponential backoff.
     delay: timedelta | None = None
+    actor: Actor | None = None
 
 
 @dataclass(frozen=True, slots=True)

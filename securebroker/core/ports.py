@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from securebroker.audit.record import Actor
 from securebroker.core.model import (
     CleanupResult,
     DeadLetter,
@@ -37,17 +38,31 @@ class RetryPolicy(Protocol):
 
 class Store(Protocol):
     # -- topics and subscriptions ------------------------------------------------------------
-    async def create_topic(self, name: str, now: datetime) -> TopicInfo: ...
+    # Methods that change state take the ``actor`` who asked (for the audit trail, which
+    # stores with auditing write in the same transaction as the change).
+    async def create_topic(
+        self, name: str, now: datetime, *, actor: Actor | None = None
+    ) -> TopicInfo: ...
     async def get_topic(self, name: str) -> TopicInfo: ...
     async def list_topics(self) -> list[TopicInfo]: ...
-    async def delete_topic(self, name: str, *, force: bool) -> None: ...
+    async def delete_topic(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None: ...
 
     async def create_subscription(
-        self, name: str, topic: str, settings: SubscriptionSettings, now: datetime
+        self,
+        name: str,
+        topic: str,
+        settings: SubscriptionSettings,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> SubscriptionInfo: ...
     async def get_subscription(self, name: str, now: datetime) -> SubscriptionInfo: ...
     async def list_subscriptions(self, topic: str | None) -> list[SubscriptionInfo]: ...
-    async def delete_subscription(self, name: str, *, force: bool) -> None: ...
+    async def delete_subscription(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None: ...
 
     # -- the message path --------------------------------------------------------------------
     async def publish(
@@ -68,6 +83,8 @@ class Store(Protocol):
         lease_for: timedelta | None,
         consumer: str,
         now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> list[Delivery]: ...
 
     async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
@@ -96,9 +113,21 @@ class Store(Protocol):
         self, subscription: str, limit: int, after: uuid.UUID | None
     ) -> list[DeadLetter]: ...
     async def redrive(
-        self, subscription: str, message_ids: Sequence[uuid.UUID] | None, now: datetime
+        self,
+        subscription: str,
+        message_ids: Sequence[uuid.UUID] | None,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> int: ...
-    async def purge(self, subscription: str, *, dead: bool) -> int: ...
+    async def purge(
+        self,
+        subscription: str,
+        *,
+        dead: bool,
+        now: datetime | None = None,
+        actor: Actor | None = None,
+    ) -> int: ...
 
     async def close(self) -> None: ...
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from securebroker.audit.record import Event
 from securebroker.clock import Clock, SystemClock
 from securebroker.config import EncryptionConfig
 from securebroker.crypto.envelope import Envelope, dek_aad
@@ -96,6 +97,7 @@ async def rotate(keyring: Keyring, keys: KeyStore) -> int:
     """A new primary KEK version; brokers wrap new DEKs under it from their next rollover, which
     the NOTIFY makes immediate."""
     version = keyring.rotate()
+    keys.record_kek(Event.KEY_ROTATED, version, SystemClock().now(), primary=True)
     await keys.notify("rotate")
     log.info("KEK rotated: version %d is primary", version)
     return version
@@ -146,6 +148,9 @@ async def retire(keyring: Keyring, keys: KeyStore, below: int) -> list[int]:
             "run `securebroker keys rewrap` first"
         )
     retired = keyring.retire_below(below)
+    now = SystemClock().now()
+    for v in retired:
+        keys.record_kek(Event.KEY_RETIRED, v, now)
     await keys.notify("retire")
     log.info("KEK versions retired: %s", retired)
     return retired

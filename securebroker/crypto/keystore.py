@@ -8,14 +8,18 @@ by rotating and retiring the KEK as well).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import asyncpg
 
+from securebroker.audit.events import key_event
+from securebroker.audit.log import AuditLog
+from securebroker.audit.record import BROKER, Actor, AuditEvent, Event, Scalar
 from securebroker.store.sql import load
 
 Q = load("keys.sql")
@@ -62,14 +66,51 @@ class KeyStore(Protocol):
 
     async def notify(self, event: str) -> None: ...
 
+    def record_kek(self, event: Event, version: int, now: datetime, **detail: Scalar) -> None:
+        """Record a keyring change (KEK rotated or retired) in the audit trail."""
+        ...
+
 
 class PostgresKeyStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """DEKs in ``sb_deks``. With an ``audit`` log, every change to a DEK (created, rewrapped,
+    destroyed) is recorded in the same transaction, as done by ``actor``."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, audit: AuditLog | None = None, actor: Actor = BROKER
+    ) -> None:
         self.pool = pool
+        self.audit = audit
+        self.actor = actor
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[tuple[Any, list[AuditEvent] | None]]:
+        if self.audit is None:
+            async with self.pool.acquire() as c, c.transaction():
+                yield c, None
+        else:
+            async with self.audit.transaction(self.pool) as (c, events):
+                yield c, events
+
+    def _event(
+        self, event: Event, dek_id: uuid.UUID, now: datetime, **detail: Scalar
+    ) -> AuditEvent:
+        return key_event(event, now, self.actor, str(dek_id), detail)
+
+    def record_kek(self, event: Event, version: int, now: datetime, **detail: Scalar) -> None:
+        """A change to the keyring (KEK rotated, retired): outside the database, so recorded
+        on its own."""
+        if self.audit is not None:
+            self.audit.record([key_event(event, now, self.actor, f"kek:v{version}", detail)])
 
     async def insert(self, dek: StoredDek, now: datetime) -> None:
-        async with self.pool.acquire() as c:
+        async with self._tx() as (c, events):
             await c.execute(Q["dek_insert"], dek.id, dek.scope, dek.kek_version, dek.wrapped, now)
+            if events is not None:
+                events.append(
+                    self._event(
+                        Event.KEY_CREATED, dek.id, now, scope=dek.scope, kek_version=dek.kek_version
+                    )
+                )
 
     async def get_many(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredDek]:
         async with self.pool.acquire() as c:
@@ -92,16 +133,32 @@ class PostgresKeyStore:
         return [_dek(r) for r in rows]
 
     async def replace_wrapped(self, dek: StoredDek, old_version: int) -> bool:
-        async with self.pool.acquire() as c:
+        async with self._tx() as (c, events):
             status = await c.execute(
                 Q["dek_rewrap_one"], dek.id, dek.kek_version, dek.wrapped, old_version
             )
-        return bool(status.endswith(" 1"))
+            done = bool(status.endswith(" 1"))
+            if done and events is not None:
+                events.append(
+                    self._event(
+                        Event.KEY_REWRAPPED,
+                        dek.id,
+                        datetime.now(UTC),
+                        scope=dek.scope,
+                        from_kek_version=old_version,
+                        kek_version=dek.kek_version,
+                    )
+                )
+        return done
 
     async def destroy_scope(self, scope: str, now: datetime) -> int:
-        async with self.pool.acquire() as c, c.transaction():
+        async with self._tx() as (c, events):
             rows = await c.fetch(Q["dek_destroy_scope"], scope, now)
             await c.execute(Q["keys_notify"], f"destroy:{scope}")
+            if events is not None:
+                events.extend(
+                    self._event(Event.KEY_DESTROYED, r["id"], now, scope=scope) for r in rows
+                )
         return len(rows)
 
     async def notify(self, event: str) -> None:
@@ -122,6 +179,8 @@ class MemoryKeyStore:
     def __init__(self) -> None:
         self.deks: dict[uuid.UUID, StoredDek] = {}
         self.events: list[str] = []
+        #: keyring changes ``record_kek`` was told of
+        self.audited: list[str] = []
 
     async def insert(self, dek: StoredDek, now: datetime) -> None:
         self.deks[dek.id] = dek
@@ -161,3 +220,6 @@ class MemoryKeyStore:
 
     async def notify(self, event: str) -> None:
         self.events.append(event)
+
+    def record_kek(self, event: Event, version: int, now: datetime, **detail: Scalar) -> None:
+        self.audited.append(f"{event}:v{version}")

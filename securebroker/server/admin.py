@@ -11,14 +11,15 @@ import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final, Protocol
 
+from securebroker.audit.record import Actor
 from securebroker.core.broker import Broker
 from securebroker.core.model import DeadLetter, SubscriptionInfo, TopicInfo
 from securebroker.errors import AuthorizationError, ValidationError
 from securebroker.server.auth import Action, Authorizer, Principal
 
-Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+Handler = Callable[[Mapping[str, Any], Actor | None], Awaitable[Any]]
 
 
 def topic_dict(t: TopicInfo) -> dict[str, Any]:
@@ -108,15 +109,30 @@ def _ids(args: Mapping[str, Any], key: str) -> list[uuid.UUID] | None:
         raise ValidationError(f"argument {key!r} holds an invalid message id") from None
 
 
+class AuditReader(Protocol):
+    """The auditor operations (``securebroker.audit.service.AuditService``)."""
+
+    def operations(self) -> Mapping[str, Handler]: ...
+
+
+#: resource marker of the auditor operations
+AUDIT_ALL: Final = "\x00audit"
+#: the resource the auditor operations are authorized on (action ``audit``): a rule grants
+#: them with ``topics = ["securebroker.audit"]`` (or a pattern matching it, such as ``#``)
+AUDIT_RESOURCE: Final = "securebroker.audit"
+
 #: ``(action, topic, subscription)`` -> None, or raises ``AuthorizationError``
 Check = Callable[[Action, str, str | None], None]
 _LISTS = frozenset({"topic.list", "subscription.list"})
 
 
 class AdminService:
-    def __init__(self, broker: Broker, authorizer: Authorizer) -> None:
+    def __init__(
+        self, broker: Broker, authorizer: Authorizer, audit: AuditReader | None = None
+    ) -> None:
         self.broker = broker
         self.authorizer = authorizer
+        self.audit = audit
         self._ops: dict[str, tuple[Handler, str | None]] = {
             "topic.create": (self._topic_create, "name"),
             "topic.list": (self._topic_list, None),
@@ -131,6 +147,9 @@ class AdminService:
             "dlq.redrive": (self._dlq_redrive, None),
             "dlq.purge": (self._dlq_purge, None),
         }
+        if audit is not None:
+            for name, handler in audit.operations().items():
+                self._ops[name] = (handler, AUDIT_ALL)
 
     @property
     def operations(self) -> list[str]:
@@ -142,6 +161,7 @@ class AdminService:
         op: str,
         args: Mapping[str, Any],
         authorize: Check | None = None,
+        actor: Actor | None = None,
     ) -> Any:
         """Run ``op`` if ``principal`` may administer the topic it touches. List operations show
         only the topics (and their subscriptions) the principal may administer. ``authorize``
@@ -151,7 +171,9 @@ class AdminService:
             raise ValidationError(f"unknown admin operation {op!r}")
         check = authorize or functools.partial(self.authorizer.authorize, principal)
         handler, resource_arg = entry
-        if resource_arg is not None:
+        if resource_arg is AUDIT_ALL:
+            check(Action.AUDIT, AUDIT_RESOURCE, None)
+        elif resource_arg is not None:
             check(Action.ADMIN, _str(args, resource_arg), None)
         elif op in _LISTS:
             topic = args.get("topic")
@@ -160,7 +182,7 @@ class AdminService:
         else:
             name = _str(args, "name")
             check(Action.ADMIN, await self._topic_of(name), name)
-        result = await handler(args)
+        result = await handler(args, actor)
         if op in _LISTS:
             result = [r for r in result if self._may_admin(principal, r)]
         return result
@@ -176,20 +198,20 @@ class AdminService:
     async def _topic_of(self, subscription: str) -> str:
         return (await self.broker.get_subscription(subscription)).topic
 
-    async def _topic_create(self, args: Mapping[str, Any]) -> Any:
-        return topic_dict(await self.broker.create_topic(_str(args, "name")))
+    async def _topic_create(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        return topic_dict(await self.broker.create_topic(_str(args, "name"), actor=actor))
 
-    async def _topic_list(self, args: Mapping[str, Any]) -> Any:
+    async def _topic_list(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         return [topic_dict(t) for t in await self.broker.list_topics()]
 
-    async def _topic_get(self, args: Mapping[str, Any]) -> Any:
+    async def _topic_get(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         return topic_dict(await self.broker.get_topic(_str(args, "name")))
 
-    async def _topic_delete(self, args: Mapping[str, Any]) -> Any:
-        await self.broker.delete_topic(_str(args, "name"), force=_bool(args, "force"))
+    async def _topic_delete(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        await self.broker.delete_topic(_str(args, "name"), force=_bool(args, "force"), actor=actor)
         return {"deleted": args["name"]}
 
-    async def _sub_create(self, args: Mapping[str, Any]) -> Any:
+    async def _sub_create(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         info = await self.broker.create_subscription(
             _str(args, "name"),
             _str(args, "topic"),
@@ -197,26 +219,29 @@ class AdminService:
             lease=_opt_seconds(args, "lease_seconds"),
             backoff_base=_opt_seconds(args, "backoff_base_seconds"),
             backoff_max=_opt_seconds(args, "backoff_max_seconds"),
+            actor=actor,
         )
         return subscription_dict(info)
 
-    async def _sub_list(self, args: Mapping[str, Any]) -> Any:
+    async def _sub_list(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         topic = args.get("topic")
         if topic is not None and not isinstance(topic, str):
             raise ValidationError("argument 'topic' must be a string")
         return [subscription_dict(s) for s in await self.broker.list_subscriptions(topic)]
 
-    async def _sub_get(self, args: Mapping[str, Any]) -> Any:
+    async def _sub_get(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         return subscription_dict(await self.broker.get_subscription(_str(args, "name")))
 
-    async def _sub_delete(self, args: Mapping[str, Any]) -> Any:
-        await self.broker.delete_subscription(_str(args, "name"), force=_bool(args, "force"))
+    async def _sub_delete(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        await self.broker.delete_subscription(
+            _str(args, "name"), force=_bool(args, "force"), actor=actor
+        )
         return {"deleted": args["name"]}
 
-    async def _sub_purge(self, args: Mapping[str, Any]) -> Any:
-        return {"purged": await self.broker.purge(_str(args, "name"))}
+    async def _sub_purge(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        return {"purged": await self.broker.purge(_str(args, "name"), actor=actor)}
 
-    async def _dlq_list(self, args: Mapping[str, Any]) -> Any:
+    async def _dlq_list(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         after = _ids({"after": [args["after"]]} if args.get("after") else {}, "after")
         letters = await self.broker.list_dead(
             _str(args, "name"),
@@ -225,9 +250,9 @@ class AdminService:
         )
         return [dead_letter_dict(d) for d in letters]
 
-    async def _dlq_redrive(self, args: Mapping[str, Any]) -> Any:
-        n = await self.broker.redrive(_str(args, "name"), _ids(args, "message_ids"))
+    async def _dlq_redrive(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        n = await self.broker.redrive(_str(args, "name"), _ids(args, "message_ids"), actor=actor)
         return {"redriven": n}
 
-    async def _dlq_purge(self, args: Mapping[str, Any]) -> Any:
-        return {"purged": await self.broker.purge(_str(args, "name"), dead=True)}
+    async def _dlq_purge(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
+        return {"purged": await self.broker.purge(_str(args, "name"), dead=True, actor=actor)}

@@ -17,8 +17,12 @@ from pathlib import Path
 
 import asyncpg
 
+from securebroker.audit.checkpoint import SigningKey
+from securebroker.audit.log import AuditLog
+from securebroker.audit.record import BROKER, AuditEvent, Event, Outcome
+from securebroker.audit.service import AuditService
 from securebroker.authz.service import Auth, build_auth
-from securebroker.clock import Clock
+from securebroker.clock import Clock, SystemClock
 from securebroker.config import Config
 from securebroker.core.broker import Broker
 from securebroker.crypto.admin import build_envelope, open_keyring
@@ -33,6 +37,7 @@ from securebroker.server.seclog import SecurityLog
 from securebroker.store.group import GroupCommitStore
 from securebroker.store.migrate import MigrationError, pending
 from securebroker.store.postgres import PostgresStore
+from securebroker.telemetry.setup import BrokerTracing, configure_tracing
 from securebroker.tls import server_context
 
 log = logging.getLogger("securebroker")
@@ -91,10 +96,19 @@ class BrokerApp:
         self._watch: asyncio.Task[None] | None = None
         self._keys: asyncio.Task[None] | None = None
         self.envelope: Envelope | None = None
+        #: the broker's own spans (``[telemetry] traces``); None when off
+        self.tracing: BrokerTracing | None = None
+        self.audit: AuditLog | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> Running:
         settings = listener_settings(self.config, self.auth.token_grace)
+        self.config.audit.validate()
+        signer = None
+        if self.config.audit.enabled:
+            signer = SigningKey.load(self.config.audit.signing_key, setting="audit.signing_key")
+        if self.tracing is None:
+            self.tracing = configure_tracing(self.config.telemetry)
         await self.auth.authenticator.start()  # a missing or broken JWKS stops startup here
         db = self.config.database
         b = self.config.broker
@@ -113,6 +127,18 @@ class BrokerApp:
                     f"database schema is behind ({', '.join(todo)} pending): "
                     "run `securebroker migrate` first"
                 )
+            if signer is not None:
+                self.audit = AuditLog(
+                    store.pool,
+                    signer=signer,
+                    clock=self.clock or SystemClock(),
+                    checkpoint_interval=self.config.audit.checkpoint_interval_seconds,
+                )
+                await self.audit.start()
+                store.audit = self.audit
+                self.auth.on_reload = self._policy_reloaded
+            else:
+                log.warning("audit.enabled = false: NO audit trail is written (benchmarks only)")
             self.envelope = self._envelope(store)
             broker = Broker(
                 store,
@@ -126,15 +152,24 @@ class BrokerApp:
                 settings,
                 authenticator=self.authenticator,
                 authorizer=self.authorizer,
-                admin=AdminService(broker, self.authorizer),
+                admin=AdminService(
+                    broker,
+                    self.authorizer,
+                    AuditService(self.audit) if self.audit is not None else None,
+                ),
                 wakeups=Wakeups(),
+                tracer=None if self.tracing is None else self.tracing.tracer,
             )
             # the specific reasons, which peers never see (the audit trail takes them over in #7)
             seclog = SecurityLog()
             native.on_refused = seclog.refused
             native.on_denied = seclog.denied
+            if self.audit is not None:
+                native.on_audit = self.audit.record
             await native.start()
         except BaseException:
+            if self.audit is not None:
+                await self.audit.close()
             await store.close()
             raise
         self.running = Running(broker, native, store)
@@ -176,11 +211,32 @@ class BrokerApp:
                 "(for benchmarks and tests only)"
             )
             return None
-        env = build_envelope(cfg, keyring, PostgresKeyStore(store.pool), self.clock)
+        env = build_envelope(cfg, keyring, PostgresKeyStore(store.pool, self.audit), self.clock)
         log.info(
             "payload encryption on: %s keyring, primary KEK v%d", keyring.provider, env.primary
         )
         return env
+
+    def _policy_reloaded(self, ok: bool, info: str) -> None:
+        """A policy reload (or a refused one) goes into the audit trail."""
+        if self.audit is None:
+            return
+        detail: dict[str, str | int | bool | None] = (
+            {"digest": info, "generation": self.auth.policies.generation}
+            if ok
+            else {"error": info[:512]}
+        )
+        self.audit.record(
+            [
+                AuditEvent(
+                    at=self.audit.clock.now(),
+                    event=Event.POLICY_RELOADED,
+                    actor=BROKER,
+                    outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+                    detail=detail,
+                )
+            ]
+        )
 
     async def reload(self) -> None:
         """SIGHUP: reload policies and keys now. Bad files are rejected; the old ones stay."""
@@ -217,5 +273,10 @@ class BrokerApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.audit is not None:
+            await self.audit.close()  # queued events, then the final signed checkpoint
         if running is not None:
             await running.store.close()
+        tracing, self.tracing = self.tracing, None
+        if tracing is not None:  # flush the spans still batched (blocking: off the loop)
+            await asyncio.to_thread(tracing.shutdown)

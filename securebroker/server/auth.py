@@ -21,6 +21,8 @@ class Action(enum.StrEnum):
     PUBLISH = "publish"
     CONSUME = "consume"
     ADMIN = "admin"
+    #: read the audit trail (on the resource ``securebroker.audit``: see server/admin.py)
+    AUDIT = "audit"
 
 
 @dataclass(frozen=True, slots=True)

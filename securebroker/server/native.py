@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
+from securebroker.audit import events as ae
+from securebroker.audit.record import Actor, AuditEvent, Event
 from securebroker.clock import from_ms, to_ms
 from securebroker.core.broker import Broker
 from securebroker.core.model import Delivery, NackRef, PublishRequest, SettleRef
@@ -50,6 +54,7 @@ from securebroker.protocol import codec
 from securebroker.protocol import frames as f
 from securebroker.server.admin import AdminService
 from securebroker.server.auth import Action, Authenticator, Authorizer, Principal
+from securebroker.telemetry import broker as spans
 from securebroker.tls import PeerIdentity, identity_from_ssl_object
 
 log = logging.getLogger("securebroker.native")
@@ -143,6 +148,7 @@ class NativeServer:
         authorizer: Authorizer,
         admin: AdminService,
         wakeups: Wakeups | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.broker = broker
         self.settings = settings
@@ -150,6 +156,8 @@ class NativeServer:
         self.authorizer = authorizer
         self.admin = admin
         self.wakeups = wakeups or Wakeups()
+        #: spans of publish, deliver and settle (``[telemetry] traces``); None: no spans at all
+        self.tracer = tracer
         self.connections: set[Connection] = set()
         self.per_identity: dict[str, int] = defaultdict(int)
         self._sock: socket.socket | None = None
@@ -162,6 +170,17 @@ class NativeServer:
         self.on_refused: Callable[[str, str], None] = lambda peer, reason: None
         #: authorization denials ``(peer, principal, reason)``, for the audit seam and tests
         self.on_denied: Callable[[str, str, str], None] = lambda peer, principal, reason: None
+        #: security events for the audit trail (``AuditLog.record``); None without auditing
+        self.on_audit: Callable[[Iterable[AuditEvent]], None] | None = None
+
+    def refused(self, peer: str, reason: str, actor: Actor | None = None) -> None:
+        """A refused connection or token: the security log, and the audit trail."""
+        self.on_refused(peer, reason)
+        if self.on_audit is not None:
+            who = actor or Actor(certificate="", address=peer, protocol="native")
+            self.on_audit(
+                [ae.security(Event.AUTHENTICATION_FAILED, self.broker.clock.now(), who, reason)]
+            )
 
     @property
     def port(self) -> int:
@@ -228,7 +247,7 @@ class NativeServer:
         except OSError:
             peer = "unknown peer"
         if self.closing or len(self.connections) >= self.settings.max_connections:
-            self.on_refused(peer, "connection limit reached" if not self.closing else "closing")
+            self.refused(peer, "connection limit reached" if not self.closing else "closing")
             sock.close()
             return
         loop = asyncio.get_running_loop()
@@ -243,7 +262,7 @@ class NativeServer:
                 ssl_handshake_timeout=self.settings.handshake_timeout,
             )
         except (ssl.SSLError, OSError, TimeoutError, asyncio.CancelledError) as exc:
-            self.on_refused(peer, f"tls handshake failed: {exc.__class__.__name__}: {exc}")
+            self.refused(peer, f"tls handshake failed: {exc.__class__.__name__}: {exc}")
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -254,11 +273,15 @@ class NativeServer:
                 raise AuthenticationError("no TLS session")
             identity = identity_from_ssl_object(ssl_object)
         except BrokerError as exc:
-            self.on_refused(peer, f"no usable client certificate: {exc}")
+            self.refused(peer, f"no usable client certificate: {exc}")
             await _abort(writer)
             return
         if self.per_identity[identity.principal] >= self.settings.max_connections_per_identity:
-            self.on_refused(peer, f"per-identity connection limit for {identity.principal}")
+            self.refused(
+                peer,
+                f"per-identity connection limit for {identity.principal}",
+                Actor(certificate=identity.principal, address=peer, protocol="native"),
+            )
             writer.write(
                 codec.encode(
                     _error_frame(ResourceExhausted("too many connections for this identity"))
@@ -376,6 +399,7 @@ class Consumer:
                         min(free, RECEIVE_BATCH),
                         lease=self.lease,
                         consumer=self.conn.principal_name,
+                        actor=self.conn.actor,
                     )
                 except BrokerError as exc:
                     if not exc.retryable:
@@ -386,9 +410,12 @@ class Consumer:
                     continue
                 if batch:
                     poll = MIN_POLL
+                    tracer = self.conn.server.tracer
                     for d in batch:
                         self.outstanding[d.message_id] = d.lease_expires_at
                         self.conn.send(self._deliver(d))
+                        if tracer is not None:
+                            spans.delivered(tracer, d, self.conn)
                     await self.conn.drain()
                 else:
                     await self._sleep(poll)
@@ -448,6 +475,8 @@ class Connection:
         self.peer = peer
         self.session = f"{number:x}-{uuid.uuid4().hex[:8]}"
         self.principal: Principal | None = None
+        #: who this connection acts as, for the audit trail (set at HELLO and AUTH)
+        self.actor = Actor(certificate=identity.principal, address=peer, protocol="native")
         #: authorization decisions of this connection's principal, valid for one policy generation
         self._decisions: dict[tuple[Action, str, str | None], BrokerError | None] = {}
         self._decisions_generation = -1
@@ -609,10 +638,13 @@ class Connection:
                 self.identity, frame.token
             )
         except BrokerError as exc:
-            self.server.on_refused(self.peer, f"authentication failed: {exc.detail or exc}")
+            self.server.refused(
+                self.peer, f"authentication failed: {exc.detail or exc}", self.actor
+            )
             self.send(_error_frame(exc), rid)
             self._closing = True
             return
+        self._set_actor()
         self._arm_expiry()
         s = self.server.settings
         self.send(
@@ -640,14 +672,24 @@ class Connection:
                     "authentication failed", detail="token refresh names a different subject"
                 )
         except BrokerError as exc:
-            self.server.on_refused(self.peer, f"token refresh failed: {exc.detail or exc}")
+            self.server.refused(self.peer, f"token refresh failed: {exc.detail or exc}", self.actor)
             self.send(_error_frame(exc), rid)
             self.begin_close(exc.wire, "token refresh failed")
             return
         self.principal = new
+        self._set_actor()
         self._decisions.clear()
         self._arm_expiry()
         self.send(f.Ok(), rid)
+
+    def _set_actor(self) -> None:
+        assert self.principal is not None
+        self.actor = Actor(
+            certificate=self.identity.principal,
+            subject=self.principal.subject,
+            address=self.peer,
+            protocol="native",
+        )
 
     def _arm_expiry(self) -> None:
         """Close the connection when its token expires without a refresh (DESIGN §4)."""
@@ -664,8 +706,8 @@ class Connection:
 
     def _token_expired(self) -> None:
         self._expiry = None
-        self.server.on_refused(
-            self.peer, f"token of {self.principal_name!r} expired on a live connection"
+        self.server.refused(
+            self.peer, f"token of {self.principal_name!r} expired on a live connection", self.actor
         )
         self.send(_error_frame(TokenExpired("token expired; refresh it with AUTH")), 0)
         self.begin_close(TokenExpired.wire, "token expired")
@@ -682,15 +724,21 @@ class Connection:
         principal = self.principal
         assert principal is not None
         topics = {i.topic for i in items}
+        tracer = self.server.tracer
+        span = None if tracer is None else spans.start_publish(tracer, items, self)
         try:
             for topic in topics:
                 self._authorize(Action.PUBLISH, topic)
             fut = self.server.broker.submit_publish(
-                [to_request(i) for i in items], producer=principal.name
+                [to_request(i) for i in items], producer=principal.name, actor=self.actor
             )
         except BrokerError as exc:
+            if span is not None:
+                spans.end_with_error(span, exc)
             self.send(_error_frame(exc), rid)
             return
+        if span is not None:
+            fut.add_done_callback(functools.partial(spans.end_publish, span))
         await self._slots.acquire()
         self._inflight.add(fut)
         fut.add_done_callback(functools.partial(self._confirmed, rid, topics))
@@ -725,15 +773,21 @@ class Connection:
         self._slots.release()
 
     async def _request(self, frame: f.Frame, rid: int) -> None:
+        tracer = self.server.tracer
+        span = None if tracer is None else spans.start_settle(tracer, frame, self)
         try:
             reply = await self._handle(frame)
         except BrokerError as exc:
             reply = _error_frame(exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if span is not None:
+                spans.end_with_error(span, exc)
             raise
         except Exception:
             log.exception("internal error handling %s", frame.NAME)
             reply = _error_frame(InternalError("internal error"))
+        if span is not None:
+            spans.end_settle(span, reply)
         self.send(reply, rid)
 
     def _authorize(self, action: Action, topic: str, subscription: str | None = None) -> None:
@@ -759,7 +813,23 @@ class Connection:
                 self._decisions.clear()
             self._decisions[key] = denied
         if denied is not None:
-            self.server.on_denied(self.peer, principal.name, denied.detail or denied.message)
+            reason = denied.detail or denied.message
+            self.server.on_denied(self.peer, principal.name, reason)
+            on_audit = self.server.on_audit
+            if on_audit is not None:
+                on_audit(
+                    [
+                        ae.security(
+                            Event.AUTHORIZATION_DENIED,
+                            self.server.broker.clock.now(),
+                            self.actor,
+                            reason,
+                            topic=topic,
+                            subscription=subscription,
+                            action=str(action),
+                        )
+                    ]
+                )
             raise AuthorizationError(denied.message, detail=denied.detail)
 
     async def _settle_topic(self, subscription: str) -> str:
@@ -790,6 +860,7 @@ class Connection:
                         i.subscription,
                         _uuid(i.message_id, "message_id"),
                         _uuid(i.lease_token, "lease_token"),
+                        self.actor,
                     )
                     for i in items
                 ]
@@ -803,6 +874,7 @@ class Connection:
                         _uuid(i.lease_token, "lease_token"),
                         i.error,
                         None if i.delay_ms is None else timedelta(milliseconds=i.delay_ms),
+                        self.actor,
                     )
                     for i in items
                 ]
@@ -821,7 +893,7 @@ class Connection:
                 return f.Extended(lease_expires_ms=to_ms(until))
             case f.Admin(op=op, args=args):
                 result: Any = await self.server.admin.call(
-                    principal, op, args, authorize=self._authorize
+                    principal, op, args, authorize=self._authorize, actor=self.actor
                 )
                 return f.AdminResult(result=result)
         raise ProtocolError(f"unexpected {frame.NAME} frame")

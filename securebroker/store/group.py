@@ -40,6 +40,7 @@ DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 class _Job(Generic[R]):
     items: Sequence[object]
     future: asyncio.Future[list[R]]
+    now: datetime | None = None
 
 
 @dataclass
@@ -116,7 +117,7 @@ class GroupCommitStore(PostgresStore):
 
     async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
         fut: asyncio.Future[list[BrokerError | None]] = asyncio.get_running_loop().create_future()
-        self._acks.put_nowait(_Job(refs, fut))
+        self._acks.put_nowait(_Job(refs, fut, now))
         return await fut
 
     # -- committers ------------------------------------------------------------------------------
@@ -142,8 +143,8 @@ class GroupCommitStore(PostgresStore):
                 continue
             flat: list[PreparedMessage] = [m for j in jobs for m in j.items]  # type: ignore[misc]
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    results = await self.publish_in(conn, flat, self._retention)
+                async with self._tx() as (conn, events):
+                    results = await self.publish_in(conn, flat, self._retention, events)
             except asyncio.CancelledError:
                 _fail(jobs, Unavailable("broker is shutting down"))
                 raise
@@ -165,12 +166,13 @@ class GroupCommitStore(PostgresStore):
 
     async def _publish_one(self, job: _Job[PublishResult]) -> None:
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                result = await self.publish_in(conn, job.items, self._retention)  # type: ignore[arg-type]
+            async with self._tx() as (conn, events):
+                result = await self.publish_in(conn, job.items, self._retention, events)  # type: ignore[arg-type]
         except asyncio.CancelledError:
             _fail([job], Unavailable("broker is shutting down"))
             raise
         except BrokerError as exc:
+            self.audit_rejected(job.items, exc)  # type: ignore[arg-type]
             _fail([job], exc)
         except DB_ERRORS as exc:
             _db_failed("publish", [job], exc)
@@ -182,9 +184,11 @@ class GroupCommitStore(PostgresStore):
         while True:
             jobs = await self._take(self._acks)
             flat: list[SettleRef] = [r for j in jobs for r in j.items]  # type: ignore[misc]
+            now = jobs[-1].now
+            assert now is not None
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    results = await self.ack_in(conn, flat)
+                async with self._tx() as (conn, events):
+                    results = await self.ack_in(conn, flat, now, events)
             except asyncio.CancelledError:
                 _fail(jobs, Unavailable("broker is shutting down"))
                 raise

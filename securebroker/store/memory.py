@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from securebroker.audit.record import Actor
 from securebroker.core.model import (
     CleanupResult,
     DeadLetter,
@@ -80,7 +81,10 @@ class MemoryStore:
         self._seq = itertools.count(1)
 
     # -- topics and subscriptions ------------------------------------------------------------
-    async def create_topic(self, name: str, now: datetime) -> TopicInfo:
+    # The memory store keeps no audit trail: ``actor`` is accepted for the port and ignored.
+    async def create_topic(
+        self, name: str, now: datetime, *, actor: Actor | None = None
+    ) -> TopicInfo:
         if name in self.topics:
             raise AlreadyExists(f"topic {name!r} already exists")
         self.topics[name] = now
@@ -95,7 +99,9 @@ class MemoryStore:
     async def list_topics(self) -> list[TopicInfo]:
         return [await self.get_topic(n) for n in sorted(self.topics)]
 
-    async def delete_topic(self, name: str, *, force: bool) -> None:
+    async def delete_topic(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None:
         info = await self.get_topic(name)
         if info.subscriptions and not force:
             raise NotEmpty(f"topic {name!r} has subscriptions; delete them or use force")
@@ -108,7 +114,13 @@ class MemoryStore:
         del self.topics[name]
 
     async def create_subscription(
-        self, name: str, topic: str, settings: SubscriptionSettings, now: datetime
+        self,
+        name: str,
+        topic: str,
+        settings: SubscriptionSettings,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> SubscriptionInfo:
         if topic not in self.topics:
             raise TopicNotFound(f"topic {topic!r} does not exist")
@@ -149,7 +161,9 @@ class MemoryStore:
             if topic is None or s.topic == topic
         ]
 
-    async def delete_subscription(self, name: str, *, force: bool) -> None:
+    async def delete_subscription(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None:
         self._sub(name)
         mine = [k for k, r in self.rows.items() if r.subscription == name]
         if mine and not force:
@@ -209,6 +223,8 @@ class MemoryStore:
         lease_for: timedelta | None,
         consumer: str,
         now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> list[Delivery]:
         sub = self._sub(subscription)
         until = now + (lease_for or sub.settings.lease)
@@ -403,7 +419,12 @@ class MemoryStore:
         return out
 
     async def redrive(
-        self, subscription: str, message_ids: Sequence[uuid.UUID] | None, now: datetime
+        self,
+        subscription: str,
+        message_ids: Sequence[uuid.UUID] | None,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> int:
         self._sub(subscription)
         wanted = None if message_ids is None else set(message_ids)
@@ -422,7 +443,14 @@ class MemoryStore:
                 n += 1
         return n
 
-    async def purge(self, subscription: str, *, dead: bool) -> int:
+    async def purge(
+        self,
+        subscription: str,
+        *,
+        dead: bool,
+        now: datetime | None = None,
+        actor: Actor | None = None,
+    ) -> int:
         self._sub(subscription)
         doomed = [
             k

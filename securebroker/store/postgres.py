@@ -6,10 +6,11 @@ trips. Commits use ``synchronous_commit = on``: when a method returns, the chang
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
@@ -18,6 +19,9 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
+from securebroker.audit import events as ae
+from securebroker.audit.log import AuditLog
+from securebroker.audit.record import BROKER, Actor, AuditEvent, Event, Outcome
 from securebroker.core.model import (
     CleanupResult,
     DeadLetter,
@@ -156,6 +160,9 @@ class PostgresStore:
         """``pool`` serves everything durable; ``lease_pool`` (``LEASE_SETTINGS``) the dequeue."""
         self.pool = pool
         self.lease_pool = lease_pool
+        #: the audit trail, written in the same transactions (set by the broker app; None in
+        #: tests and tools that do not audit)
+        self.audit: AuditLog | None = None
         self._topics: dict[str, tuple[int, float]] = {}
         self._subs: dict[str, tuple[_SubRow, float]] = {}
 
@@ -163,6 +170,20 @@ class PostgresStore:
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PostgresStore:
         pool, lease_pool = await create_pools(dsn, min_size=min_size, max_size=max_size)
         return cls(pool, lease_pool)
+
+    @contextlib.asynccontextmanager
+    async def _tx(
+        self, pool: asyncpg.Pool | None = None
+    ) -> AsyncIterator[tuple[Conn, list[AuditEvent] | None]]:
+        """A transaction; with auditing on, the events appended to the yielded list are
+        chained and written in it (``AuditLog.transaction``)."""
+        audit = self.audit
+        if audit is None:
+            async with (pool or self.pool).acquire() as conn, conn.transaction():
+                yield conn, None
+        else:
+            async with audit.transaction(pool or self.pool) as (conn, events):
+                yield conn, events
 
     async def close(self) -> None:
         await self.pool.close()
@@ -200,11 +221,15 @@ class PostgresStore:
             return exc
 
     # -- topics and subscriptions ------------------------------------------------------------
-    async def create_topic(self, name: str, now: datetime) -> TopicInfo:
-        async with self.pool.acquire() as conn:
+    async def create_topic(
+        self, name: str, now: datetime, *, actor: Actor | None = None
+    ) -> TopicInfo:
+        async with self._tx() as (conn, events):
             row = await conn.fetchrow(Q["topic_create"], name, now)
-        if row is None:
-            raise AlreadyExists(f"topic {name!r} already exists")
+            if row is None:
+                raise AlreadyExists(f"topic {name!r} already exists")
+            if events is not None:
+                events.append(ae.admin(now, actor, "topic.create", topic=name))
         return TopicInfo(row["name"], row["created_at"])
 
     async def get_topic(self, name: str) -> TopicInfo:
@@ -219,8 +244,10 @@ class PostgresStore:
             rows = await conn.fetch(Q["topic_list"])
         return [TopicInfo(r["name"], r["created_at"], tuple(r["subs"])) for r in rows]
 
-    async def delete_topic(self, name: str, *, force: bool) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+    async def delete_topic(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None:
+        async with self._tx() as (conn, events):
             row = await conn.fetchrow(Q["topic_get"], name)
             if row is None:
                 raise TopicNotFound(f"topic {name!r} does not exist")
@@ -235,12 +262,24 @@ class PostgresStore:
             await conn.execute(Q["topic_delete_messages"], row["id"])
             await conn.execute(Q["topic_delete_idempotency"], row["id"])
             await conn.execute(Q["topic_delete"], row["id"])
+            if events is not None:
+                detail: dict[str, str | int | bool | None] = {
+                    "force": force,
+                    "subscriptions": ",".join(row["subs"]),
+                }
+                events.append(ae.admin(_at(now), actor, "topic.delete", topic=name, detail=detail))
         self._topics.pop(name, None)
 
     async def create_subscription(
-        self, name: str, topic: str, settings: SubscriptionSettings, now: datetime
+        self,
+        name: str,
+        topic: str,
+        settings: SubscriptionSettings,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> SubscriptionInfo:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as (conn, events):
             trow = await conn.fetchrow(Q["topic_get"], topic)
             if trow is None:
                 raise TopicNotFound(f"topic {topic!r} does not exist")
@@ -254,8 +293,12 @@ class PostgresStore:
                 _ms(settings.backoff_max),
                 now,
             )
-        if sid is None:
-            raise AlreadyExists(f"subscription {name!r} already exists")
+            if sid is None:
+                raise AlreadyExists(f"subscription {name!r} already exists")
+            if events is not None:
+                events.append(
+                    ae.admin(now, actor, "subscription.create", topic=topic, subscription=name)
+                )
         return SubscriptionInfo(name, topic, settings, now, SubscriptionCounts())
 
     async def get_subscription(self, name: str, now: datetime) -> SubscriptionInfo:
@@ -277,8 +320,10 @@ class PostgresStore:
         subs = [_sub_row(r) for r in rows]
         return [SubscriptionInfo(s.name, s.topic, s.settings, s.created_at) for s in subs]
 
-    async def delete_subscription(self, name: str, *, force: bool) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+    async def delete_subscription(
+        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+    ) -> None:
+        async with self._tx() as (conn, events):
             row = await conn.fetchrow(Q["sub_get"], name)
             if row is None:
                 raise SubscriptionNotFound(f"subscription {name!r} does not exist")
@@ -287,17 +332,55 @@ class PostgresStore:
                 raise NotEmpty(f"subscription {name!r} still holds {held} messages; use force")
             await conn.execute(Q["sub_delete_deliveries"], row["id"])
             await conn.execute(Q["sub_delete"], row["id"])
+            if events is not None:
+                events.append(
+                    ae.admin(
+                        _at(now),
+                        actor,
+                        "subscription.delete",
+                        topic=row["topic"],
+                        subscription=name,
+                        detail={"force": force, "messages_dropped": int(held or 0)},
+                    )
+                )
         self._subs.pop(name, None)
 
     # -- publish -------------------------------------------------------------------------------
     async def publish(
         self, messages: Sequence[PreparedMessage], retention: timedelta
     ) -> list[PublishResult]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self.publish_in(conn, messages, retention)
+        try:
+            async with self._tx() as (conn, events):
+                return await self.publish_in(conn, messages, retention, events)
+        except BrokerError as exc:
+            self.audit_rejected(messages, exc)
+            raise
+
+    def audit_rejected(self, messages: Sequence[PreparedMessage], exc: BrokerError) -> None:
+        """Record refused publishes (idempotency conflict, unknown topic): nothing changed, so
+        they are written on their own, after the rollback."""
+        if self.audit is None:
+            return
+        self.audit.record(
+            ae.message_event(
+                Event.REJECTED,
+                m.published_at,
+                m.actor,
+                m.topic,
+                m.id,
+                trace_context=m.trace_context,
+                outcome=Outcome.FAILURE,
+                detail={"reason": exc.code},
+            )
+            for m in messages
+        )
 
     async def publish_in(
-        self, conn: Conn, messages: Sequence[PreparedMessage], retention: timedelta
+        self,
+        conn: Conn,
+        messages: Sequence[PreparedMessage],
+        retention: timedelta,
+        events: list[AuditEvent] | None = None,
     ) -> list[PublishResult]:
         """Publish inside the caller's transaction (used by group commit and atomic settle)."""
         topic_ids = [await self._topic_id(conn, m.topic) for m in messages]
@@ -392,6 +475,18 @@ class PostgresStore:
         for r in results:
             assert r is not None
             out.append(r)
+        if events is not None:
+            for m, r in zip(messages, out, strict=True):
+                events.append(
+                    ae.message_event(
+                        Event.DEDUPLICATED if r.duplicate else Event.PUBLISHED,
+                        m.published_at,
+                        m.actor,
+                        m.topic,
+                        r.message_id,
+                        trace_context=m.trace_context,
+                    )
+                )
         return out
 
     # -- consume -------------------------------------------------------------------------------
@@ -402,13 +497,26 @@ class PostgresStore:
         lease_for: timedelta | None,
         consumer: str,
         now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> list[Delivery]:
-        async with (self.lease_pool or self.pool).acquire() as conn:
-            sub = await self._sub(conn, subscription)
-            until = now + (lease_for or sub.settings.lease)
-            rows = await conn.fetch(
-                Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
-            )
+        pool = self.lease_pool or self.pool
+        if self.audit is None:
+            async with pool.acquire() as conn:
+                sub = await self._sub(conn, subscription)
+                until = now + (lease_for or sub.settings.lease)
+                rows = await conn.fetch(
+                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+                )
+        else:
+            async with self._tx(pool) as (conn, events):
+                sub = await self._sub(conn, subscription)
+                until = now + (lease_for or sub.settings.lease)
+                rows = await conn.fetch(
+                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+                )
+                assert events is not None
+                _delivered(events, rows, now, actor, subscription)
         return [
             Delivery(
                 subscription=subscription,
@@ -447,10 +555,16 @@ class PostgresStore:
         return results, todo
 
     async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self.ack_in(conn, refs)
+        async with self._tx() as (conn, events):
+            return await self.ack_in(conn, refs, now, events)
 
-    async def ack_in(self, conn: Conn, refs: Sequence[SettleRef]) -> list[BrokerError | None]:
+    async def ack_in(
+        self,
+        conn: Conn,
+        refs: Sequence[SettleRef],
+        now: datetime,
+        events: list[AuditEvent] | None = None,
+    ) -> list[BrokerError | None]:
         results, todo = await self._resolve_refs(conn, refs)
         if todo:
             done = await conn.fetch(
@@ -463,12 +577,24 @@ class PostgresStore:
             for i, s in todo:
                 if (refs[i].message_id, s.id) not in ok:
                     results[i] = StaleLease(STALE)
+                elif events is not None:
+                    ref = refs[i]
+                    events.append(
+                        ae.message_event(
+                            Event.ACKED,
+                            now,
+                            ref.actor,
+                            s.topic,
+                            ref.message_id,
+                            subscription=s.name,
+                        )
+                    )
         return results
 
     async def nack(
         self, refs: Sequence[NackRef], now: datetime, policy: RetryPolicy
     ) -> list[BrokerError | None]:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as (conn, events):
             results, todo = await self._resolve_refs(conn, refs)
             if not todo:
                 return results
@@ -495,6 +621,8 @@ class PostgresStore:
                     cols, (ref.message_id, sub.id, int(state), at, ref.error, reason), strict=True
                 ):
                     col.append(v)
+                if events is not None:
+                    _nacked(events, ref, sub.topic, n, state, at, now)
             if cols[0]:
                 await conn.execute(Q["nack_apply"], *cols, now)
             return results
@@ -511,9 +639,11 @@ class PostgresStore:
 
     # -- maintenance ---------------------------------------------------------------------------
     async def sweep(self, now: datetime, limit: int) -> SweepResult:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as (conn, events):
             expired = await conn.fetch(Q["sweep_expired"], now, limit)
             exhausted = await conn.fetch(Q["sweep_exhausted"], now, limit)
+            if events is not None:
+                _swept(events, expired, exhausted, now)
         return SweepResult(len(expired), len(exhausted))
 
     async def cleanup(
@@ -548,20 +678,190 @@ class PostgresStore:
         ]
 
     async def redrive(
-        self, subscription: str, message_ids: Sequence[uuid.UUID] | None, now: datetime
+        self,
+        subscription: str,
+        message_ids: Sequence[uuid.UUID] | None,
+        now: datetime,
+        *,
+        actor: Actor | None = None,
     ) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._tx() as (conn, events):
             sub = await self._sub(conn, subscription)
             ids = None if message_ids is None else list(message_ids)
-            return _count(await conn.execute(Q["redrive"], sub.id, ids, now))
+            rows = await conn.fetch(Q["redrive"], sub.id, ids, now)
+            if events is not None:
+                _per_message(events, Event.REDRIVEN, rows, now, actor, sub, "dlq.redrive")
+        return len(rows)
 
-    async def purge(self, subscription: str, *, dead: bool) -> int:
-        async with self.pool.acquire() as conn, conn.transaction():
+    async def purge(
+        self,
+        subscription: str,
+        *,
+        dead: bool,
+        now: datetime | None = None,
+        actor: Actor | None = None,
+    ) -> int:
+        async with self._tx() as (conn, events):
             sub = await self._sub(conn, subscription)
             rows = await conn.fetch(Q["purge"], sub.id, dead)
             if rows:
                 await conn.execute(Q["orphans_delete"], [r["message_id"] for r in rows])
+            if events is not None:
+                op = "dlq.purge" if dead else "subscription.purge"
+                _per_message(events, Event.PURGED, rows, _at(now), actor, sub, op)
         return len(rows)
+
+
+def _at(now: datetime | None) -> datetime:
+    from securebroker.clock import SystemClock  # noqa: PLC0415
+
+    return now if now is not None else SystemClock().now()
+
+
+def _delivered(
+    events: list[AuditEvent],
+    rows: Sequence[asyncpg.Record],
+    now: datetime,
+    actor: Actor | None,
+    subscription: str,
+) -> None:
+    """A lease: "delivered" per message, preceded by "lease_expired" when the message was
+    still leased to a consumer whose lease ran out."""
+    for r in rows:
+        if r["prev_state"] == DeliveryState.LEASED:
+            events.append(
+                ae.message_event(
+                    Event.LEASE_EXPIRED,
+                    now,
+                    BROKER,
+                    r["topic"],
+                    r["message_id"],
+                    subscription=subscription,
+                    detail={"attempt": r["attempts"] - 1, "consumer": r["prev_consumer"]},
+                )
+            )
+        events.append(
+            ae.message_event(
+                Event.DELIVERED,
+                now,
+                actor,
+                r["topic"],
+                r["message_id"],
+                subscription=subscription,
+                trace_context=r["trace_context"],
+                detail={"attempt": r["attempts"]},
+            )
+        )
+
+
+def _nacked(
+    events: list[AuditEvent],
+    ref: NackRef,
+    topic: str,
+    attempt: int,
+    state: DeliveryState,
+    available_at: datetime,
+    now: datetime,
+) -> None:
+    # The consumer's error text is not recorded: it may quote the payload.
+    detail: dict[str, str | int | bool | None] = {"attempt": attempt}
+    if state == DeliveryState.READY:
+        detail["redeliver_after_ms"] = int((available_at - now).total_seconds() * 1000)
+    events.append(
+        ae.message_event(
+            Event.NACKED,
+            now,
+            ref.actor,
+            topic,
+            ref.message_id,
+            subscription=ref.subscription,
+            detail=detail,
+        )
+    )
+    if state == DeliveryState.DEAD:
+        events.append(
+            ae.message_event(
+                Event.DEAD_LETTERED,
+                now,
+                BROKER,
+                topic,
+                ref.message_id,
+                subscription=ref.subscription,
+                detail={"reason": DeadReason.MAX_ATTEMPTS.value, "attempts": attempt},
+            )
+        )
+
+
+def _swept(
+    events: list[AuditEvent],
+    expired: Sequence[asyncpg.Record],
+    exhausted: Sequence[asyncpg.Record],
+    now: datetime,
+) -> None:
+    for r in expired:
+        events.append(
+            ae.message_event(
+                Event.EXPIRED, now, BROKER, r["topic"], r["message_id"], subscription=r["sub"]
+            )
+        )
+    for r in exhausted:
+        events.append(
+            ae.message_event(
+                Event.LEASE_EXPIRED,
+                now,
+                BROKER,
+                r["topic"],
+                r["message_id"],
+                subscription=r["sub"],
+                detail={"attempt": r["attempts"], "consumer": r["consumer"]},
+            )
+        )
+        events.append(
+            ae.message_event(
+                Event.DEAD_LETTERED,
+                now,
+                BROKER,
+                r["topic"],
+                r["message_id"],
+                subscription=r["sub"],
+                detail={"reason": DeadReason.MAX_ATTEMPTS.value, "attempts": r["attempts"]},
+            )
+        )
+
+
+def _per_message(
+    events: list[AuditEvent],
+    event: Event,
+    rows: Sequence[asyncpg.Record],
+    now: datetime,
+    actor: Actor | None,
+    sub: _SubRow,
+    operation: str,
+) -> None:
+    """An admin action on many messages: one admin record, then one record per message so
+    each message's trail shows it."""
+    events.append(
+        ae.admin(
+            now,
+            actor,
+            operation,
+            topic=sub.topic,
+            subscription=sub.name,
+            detail={"messages": len(rows)},
+        )
+    )
+    for r in rows:
+        events.append(
+            ae.message_event(
+                event,
+                now,
+                actor,
+                sub.topic,
+                r["message_id"],
+                subscription=sub.name,
+                detail={"operation": operation},
+            )
+        )
 
 
 def _conflict(m: PreparedMessage) -> IdempotencyConflict:

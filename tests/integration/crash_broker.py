@@ -8,8 +8,8 @@ It starts the broker as ``securebroker serve`` does (``load(CONFIG)``, the finge
 transactions report their COMMIT. The committers' code is the real one, untouched: in
 ``GroupCommitStore._run_publishes`` (and ``_publish_one``) a group runs as
 
-    async with self.pool.acquire() as conn, conn.transaction():
-        results = await self.publish_in(conn, flat, self._retention)
+    async with self._tx() as (conn, events):
+        results = await self.publish_in(conn, flat, self._retention, events)
     _resolve(jobs, results)  # resolves the futures; the native server confirms from them
 
 and the crash point is the return of ``conn.transaction().__aexit__``: COMMIT has returned
@@ -143,10 +143,14 @@ class CrashAfterCommitStore(GroupCommitStore):
         return fut
 
     async def publish_in(
-        self, conn: Any, messages: Sequence[PreparedMessage], retention: timedelta
+        self,
+        conn: Any,
+        messages: Sequence[PreparedMessage],
+        retention: timedelta,
+        events: Any = None,
     ) -> list[PublishResult]:
         say("publishing", *(m.idempotency_key for m in messages))
-        results = await super().publish_in(conn, messages, retention)
+        results = await super().publish_in(conn, messages, retention, events)
         if isinstance(conn, _Connection):
             conn.published = _Published(messages, results)
         return results

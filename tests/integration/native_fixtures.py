@@ -25,6 +25,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from securebroker.audit.checkpoint import SigningKey
+from securebroker.audit.log import AuditLog
+from securebroker.audit.service import AuditService
 from securebroker.client import Client, TokenProvider, connect
 from securebroker.clock import ManualClock
 from securebroker.core.broker import Broker
@@ -73,6 +76,8 @@ class NativeHarness:
     store: PostgresStore
     clock: ManualClock
     tls: TlsMaterial
+    #: the audit trail, written in the store's transactions (None with ``audit=False``)
+    audit: AuditLog | None = None
     refusals: list[tuple[str, str]] = field(default_factory=list)
     #: authorization denials ``(principal, reason)`` reported through ``NativeServer.on_denied``
     denials: list[tuple[str, str]] = field(default_factory=list)
@@ -97,8 +102,10 @@ class NativeHarness:
         retry_for: float = IO_TIMEOUT,
         token: str | None = None,
         token_provider: TokenProvider | None = None,
+        tracer_provider: Any = None,
     ) -> Client:
-        """An SDK client over mutual TLS (with a bearer token, if given); closed at teardown."""
+        """An SDK client over mutual TLS (with a bearer token, if given; its spans going to
+        ``tracer_provider``, default OpenTelemetry's global one); closed at teardown."""
         cert, key = self.tls.pki.clients.get(name, (Path("unused"), Path("unused")))
         async with asyncio.timeout(IO_TIMEOUT):
             client = await connect(
@@ -113,6 +120,7 @@ class NativeHarness:
                 retry_for=retry_for,
                 token=token,
                 token_provider=token_provider,
+                tracer_provider=tracer_provider,
             )
         self.clients.append(client)
         return client
@@ -254,16 +262,31 @@ async def start_native(
     """A started NativeServer on ``pg_dsn``; ``overrides`` go to ``ListenerSettings``
     (plus ``min_tls`` for the server's TLS context; ``authenticator``/``authorizer``, which
     default to certificate identity and allow-all; and ``envelope``, a callable
-    ``store -> Envelope`` for encryption at rest, default none). Stop it with ``stop_native``."""
+    ``store -> Envelope`` for encryption at rest, default none; and ``tracer``, an OpenTelemetry
+    tracer for the broker's own spans, default none; and ``audit``: the audit trail is on, as in
+    ``serve``, with a fresh signing key or the ``SigningKey`` given, unless ``audit=False``).
+    Stop it with ``stop_native``."""
     pki = tls_material.pki
     authenticator: Authenticator = (
         overrides.pop("authenticator", None) or CertificateAuthenticator()
     )
     authorizer: Authorizer = overrides.pop("authorizer", None) or AllowAll()
+    tracer = overrides.pop("tracer", None)
+    audit_key = overrides.pop("audit", None)
     # Group commit, as the broker runs by default (the contract suite covers the plain store).
     store: PostgresStore = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=20)
     try:
         make_envelope = overrides.pop("envelope", None)
+        audit: AuditLog | None = None
+        if audit_key is not False:
+            audit = AuditLog(
+                store.pool,
+                signer=audit_key if isinstance(audit_key, SigningKey) else SigningKey.generate(),
+                clock=clock,
+                checkpoint_interval=3600,
+            )
+            await audit.start()
+            store.audit = audit
         broker = Broker(
             store,
             fingerprint_key=FP_KEY,
@@ -287,13 +310,18 @@ async def start_native(
             settings,
             authenticator=authenticator,
             authorizer=authorizer,
-            admin=AdminService(broker, authorizer),
+            admin=AdminService(broker, authorizer, None if audit is None else AuditService(audit)),
+            tracer=tracer,
         )
-        harness = NativeHarness(server, broker, store, clock, tls_material)
+        harness = NativeHarness(server, broker, store, clock, tls_material, audit)
         server.on_refused = harness._on_refused
         server.on_denied = harness._on_denied
+        if audit is not None:
+            server.on_audit = audit.record
         await server.start()
     except BaseException:
+        if store.audit is not None:
+            await store.audit.close()
         await store.close()
         raise
     return harness
@@ -308,6 +336,8 @@ async def stop_native(h: NativeHarness) -> None:
                     await c.close()
         async with asyncio.timeout(IO_TIMEOUT * 2):
             await h.server.close(grace=IO_TIMEOUT)
+        if h.audit is not None:
+            await h.audit.close()
     finally:
         await h.store.close()
 

@@ -264,6 +264,21 @@ async def test_cli_against_dev_broker(dev_broker: DevBroker) -> None:
     assert code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "not found" in err
 
+    # the audit trail of the first message, and an export that verifies offline against the
+    # public key `dev` wrote beside its signing key
+    trail = await d.ok_json("audit", "trail", first)
+    assert [r["event"] for r in trail] == ["published", "deduplicated", "delivered", "acked"]
+    assert trail[0]["actor_cert"] == "spiffe://securebroker.dev/dev-client"
+    assert trail[0]["actor_sub"] == "dev-client"
+    bundle = d.cwd / "audit.jsonl"
+    await d.ok("audit", "export", "-o", str(bundle), identity="dev-admin")
+    verified = await d.ok(
+        "audit", "verify", str(bundle), "--public-key", str(d.home / "audit-signing.pub"),
+        identity=None,
+    )  # fmt: skip
+    assert "result: OK, no tampering or loss found" in verified, verified
+    assert "(pinned)" in verified, verified
+
     # graceful stop on SIGTERM: exit status 0, in bounded time
     assert await _stop(d.proc) == 0
     code, _, err = await d.run("topics", "list", identity="dev-admin")
@@ -342,3 +357,29 @@ async def test_dev_broker_enforces_tokens_and_reloads_policy(dev_broker: DevBrok
     mark = len(d.log)
     await d.wait_log("policy reloaded: 2 rule(s)", mark)
     assert (await d.ok(*ok)).strip()
+
+    # all of it is in the audit trail, which the dev admin may search with the CLI
+    failed = await audit_search(d, "authentication_failed", 2)
+    assert any("malformed token" in r["detail"]["reason"] for r in failed), failed
+    assert any("bound to another certificate" in r["detail"]["reason"] for r in failed), failed
+    assert all(r["origin_addr"].startswith("127.0.0.1:") for r in failed)
+    denied = await audit_search(d, "authorization_denied", 2)
+    assert [(r["actor_sub"], r["topic"]) for r in denied] == [
+        ("intruder", "demo.orders"),  # no rule grants it
+        ("dev-client", "demo.orders"),  # the freeze-demo rule, while it was in force
+    ]
+    assert "freeze-demo" in denied[1]["detail"]["reason"]
+    reloads = await audit_search(d, "policy_reloaded", 3)
+    assert [r["outcome"] for r in reloads] == ["failure", "success", "success"]
+    assert "dev.toml" in reloads[0]["detail"]["error"]
+
+
+async def audit_search(d: DevBroker, event: str, at_least: int) -> list[dict[str, Any]]:
+    """``audit search --event EVENT`` until it returns ``at_least`` records: security events
+    are written by the broker's background writer just after they happen. Bounded by
+    START_TIMEOUT; each round is a whole CLI run against the broker."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            found: list[dict[str, Any]] = await d.ok_json("audit", "search", "--event", event)
+            if len(found) >= at_least:
+                return found

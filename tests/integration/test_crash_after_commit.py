@@ -42,6 +42,7 @@ import asyncpg
 from crash_broker import CRASH_EXIT
 from native_fixtures import CLIENT, CLIENT_PRINCIPAL, FP_KEY, IO_TIMEOUT, TlsMaterial
 
+from securebroker.audit.checkpoint import SigningKey
 from securebroker.client import Client, connect
 from securebroker.core.broker import Broker
 from securebroker.core.model import PublishRequest, PublishResult
@@ -101,6 +102,9 @@ def write_config(
     keyring = path.parent / "keyring.json"  # shared by every broker of the test
     if not keyring.exists():  # payloads encrypted at rest, as in production
         FileKeyring.create(keyring)
+    audit_key = path.parent / "audit-signing.pem"  # and audited, as in production
+    if not audit_key.exists():
+        SigningKey.create(audit_key)
     path.write_text(
         "\n".join(
             [
@@ -117,6 +121,8 @@ def write_config(
                 "[encryption]",
                 'keyring = "file"',
                 f"keyring_file = {s(keyring)}",
+                "[audit]",
+                f"signing_key = {s(audit_key)}",
                 "[listener]",
                 'host = "127.0.0.1"',
                 f"port = {port}",

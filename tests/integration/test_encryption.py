@@ -115,7 +115,7 @@ async def encrypted_broker(
     made: list[Envelope] = []
 
     def make(store: PostgresStore) -> Envelope:
-        made.append(Envelope(keyring, PostgresKeyStore(store.pool)))
+        made.append(Envelope(keyring, PostgresKeyStore(store.pool, store.audit)))
         return made[0]
 
     h = await native_factory(envelope=make)
@@ -376,6 +376,18 @@ async def test_destroy_scope_from_the_cli(enc: Encrypted, tmp_path: Path) -> Non
             old["kek_version"], bytes(old["wrapped"]), b"securebroker/dek/v1\x00"
             + old["id"].bytes + old["scope"].encode()
         )  # fmt: skip
+    # the audit trail has the DEK's creation (by the broker) and its destruction (by the CLI)
+    async with enc.h.store.pool.acquire() as conn:
+        trail = await conn.fetch(
+            "SELECT event, origin_proto, detail FROM sb_audit WHERE key_id = $1 "
+            "ORDER BY at, chain, seq",
+            str(old["id"]),
+        )
+    assert [(r["event"], r["origin_proto"]) for r in trail] == [
+        ("key_created", "internal"),
+        ("key_destroyed", "cli"),
+    ]
+    assert trail[1]["detail"] == {"scope": "topic:gdpr.cust42"}
     # the scope works again with new keys
     await c.publish("gdpr.cust42", b"fresh", idempotency_key="fresh")
     assert [m.payload for m in await drain(c, "gdpr.cust42.sub", 1)] == [b"fresh"]
@@ -439,6 +451,16 @@ async def test_keys_cli_rotate_rewrap_retire(enc: Encrypted, tmp_path: Path) -> 
     await enc.wait_event("retire")
     got = await drain(c, "a.sub", 2) + await drain(c, "b.sub", 2)
     assert sorted(m.payload for m in got) == [b"after a", b"after b", b"before a", b"before b"]
+    # every key operation is in the audit trail, as done by the operator at this host's CLI
+    async with enc.h.store.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT event, key_id, origin_proto, actor_cert FROM sb_audit "
+            "WHERE event LIKE 'key_%' AND origin_proto = 'cli' ORDER BY at, chain, seq"
+        )
+    events = [(r["event"], r["key_id"]) for r in rows]
+    assert ("key_rotated", "kek:v2") in events and ("key_retired", "kek:v1") in events
+    assert sum(1 for e, _ in events if e == "key_rewrapped") == 2
+    assert all(r["actor_cert"].startswith("os-user:") for r in rows)
     # a config without a usable keyring is a one-line error, not a traceback
     bad = tmp_path / "bad.toml"
     bad.write_text(dump(Config(database=DatabaseConfig(dsn=enc.dsn))))

@@ -174,6 +174,7 @@ async def test_rotation_moves_new_messages_to_the_new_kek(
     old = await seal(env, "t", b"before")
     await admin.rotate(keyring, store)
     assert store.events == ["rotate"]
+    assert store.audited == ["key_rotated:v2"]
     assert env.ready(["topic:t"])  # not yet told
     env.on_event("rotate")
     assert not env.ready(["topic:t"])

@@ -125,8 +125,9 @@ FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
 -- Runs on the lease pool (postgres.LEASE_SETTINGS: no WAL-flush wait, no bitmap scans).
 -- Eligible: live, available, attempts left, not expired, and first of its ordering-key group.
 -- An expired lease is eligible again because leasing sets available_at to the lease expiry.
+-- prev_state and prev_consumer tell the audit trail when a lease ran out before this one.
 WITH picked AS (
-    SELECT d.message_id
+    SELECT d.message_id, d.state AS prev_state, d.consumer AS prev_consumer
     FROM sb_deliveries d
     WHERE d.subscription_id = $1 AND d.state < 2 AND d.available_at <= $2
       AND d.attempts < $3
@@ -148,11 +149,12 @@ WITH picked AS (
                   ELSE d.history END
     FROM picked
     WHERE d.subscription_id = $1 AND d.message_id = picked.message_id
-    RETURNING d.message_id, d.lease_token, d.attempts, d.seq
+    RETURNING d.message_id, d.lease_token, d.attempts, d.seq, picked.prev_state,
+              picked.prev_consumer
 )
 SELECT l.message_id, l.lease_token, l.attempts, t.name AS topic, m.payload, m.attributes,
        m.content_type, m.idempotency_key, m.ordering_key, m.producer, m.trace_context,
-       m.published_at
+       m.published_at, l.prev_state, l.prev_consumer
 FROM leased l
 JOIN sb_messages m ON m.id = l.message_id
 JOIN sb_topics t ON t.id = m.topic_id
@@ -218,7 +220,10 @@ SET state = 2, dead_reason = 'expired', dead_at = $1,
         'outcome', 'expired', 'at', $1::timestamptz))
 FROM c
 WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
-RETURNING d.message_id;
+RETURNING d.message_id,
+    (SELECT s.name FROM sb_subscriptions s WHERE s.id = d.subscription_id) AS sub,
+    (SELECT t.name FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
+     WHERE s.id = d.subscription_id) AS topic;
 
 -- name: sweep_exhausted
 WITH c AS (
@@ -237,7 +242,10 @@ SET state = 2, dead_reason = 'max_attempts', dead_at = $1, last_error = 'lease e
         'at', d.lease_expires_at, 'consumer', d.consumer))
 FROM c
 WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
-RETURNING d.message_id;
+RETURNING d.message_id, d.attempts, d.consumer,
+    (SELECT s.name FROM sb_subscriptions s WHERE s.id = d.subscription_id) AS sub,
+    (SELECT t.name FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
+     WHERE s.id = d.subscription_id) AS topic;
 
 -- name: cleanup_messages
 -- Settled messages a racing ack left behind, and messages published to a topic with no
@@ -274,7 +282,8 @@ SET state = 0, attempts = 0, available_at = $3, dead_reason = NULL, dead_at = NU
     history = d.history || jsonb_build_array(jsonb_build_object(
         'outcome', 'redriven', 'at', $3::timestamptz, 'attempts', d.attempts))
 WHERE d.subscription_id = $1 AND d.state = 2
-  AND ($2::uuid[] IS NULL OR d.message_id = ANY($2::uuid[]));
+  AND ($2::uuid[] IS NULL OR d.message_id = ANY($2::uuid[]))
+RETURNING d.message_id;
 
 -- name: purge
 DELETE FROM sb_deliveries

@@ -1,0 +1,1 @@
+"""Tamper-evident audit trail: records, hash chains, signed checkpoints, offline verification."""

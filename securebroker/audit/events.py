@@ -1,0 +1,114 @@
+"""Builders of audit events, shared by every store adapter and front door so the same change is
+recorded the same way wherever it happens. Builders take ids and names, never payloads."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+
+from securebroker.audit.record import (
+    BROKER,
+    Actor,
+    AuditEvent,
+    Event,
+    Outcome,
+    Scalar,
+    trace_id_of,
+)
+
+#: what a store method records with when its caller names no actor (embedding, tests)
+UNKNOWN = Actor(certificate="unknown", protocol="internal")
+
+
+def message_event(
+    event: Event,
+    at: datetime,
+    actor: Actor | None,
+    topic: str | None,
+    message_id: uuid.UUID | str,
+    *,
+    subscription: str | None = None,
+    trace_context: Mapping[str, str] | None = None,
+    outcome: Outcome = Outcome.SUCCESS,
+    detail: Mapping[str, Scalar] | None = None,
+) -> AuditEvent:
+    return AuditEvent(
+        at=at,
+        event=event,
+        actor=actor or UNKNOWN,
+        outcome=outcome,
+        topic=topic,
+        subscription=subscription,
+        message_id=str(message_id),
+        trace_id=trace_id_of(trace_context) if trace_context else None,
+        detail=detail or {},
+    )
+
+
+def admin(
+    at: datetime,
+    actor: Actor | None,
+    operation: str,
+    *,
+    topic: str | None = None,
+    subscription: str | None = None,
+    detail: Mapping[str, Scalar] | None = None,
+    outcome: Outcome = Outcome.SUCCESS,
+) -> AuditEvent:
+    return AuditEvent(
+        at=at,
+        event=Event.ADMIN,
+        actor=actor or UNKNOWN,
+        outcome=outcome,
+        topic=topic,
+        subscription=subscription,
+        detail={"operation": operation, **(detail or {})},
+    )
+
+
+def security(
+    event: Event,
+    at: datetime,
+    actor: Actor,
+    reason: str,
+    *,
+    topic: str | None = None,
+    subscription: str | None = None,
+    action: str | None = None,
+) -> AuditEvent:
+    """A failed authentication or a denied authorization, with its specific reason (which the
+    peer never sees)."""
+    detail: dict[str, Scalar] = {"reason": reason[:512]}
+    if action is not None:
+        detail["action"] = action
+    return AuditEvent(
+        at=at,
+        event=event,
+        actor=actor,
+        outcome=Outcome.FAILURE,
+        topic=topic,
+        subscription=subscription,
+        detail=detail,
+    )
+
+
+def key_event(
+    event: Event,
+    at: datetime,
+    actor: Actor,
+    key_id: str,
+    detail: Mapping[str, Scalar] | None = None,
+) -> AuditEvent:
+    return AuditEvent(at=at, event=event, actor=actor, key_id=key_id, detail=detail or {})
+
+
+def suppressed(at: datetime, count: int) -> AuditEvent:
+    """How many queued security events could not be kept (a flood beyond the queue bound)."""
+    return AuditEvent(
+        at=at,
+        event="audit_suppressed",
+        actor=BROKER,
+        outcome=Outcome.FAILURE,
+        detail={"count": count},
+    )

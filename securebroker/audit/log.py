@@ -1,0 +1,398 @@
+"""The broker's audit writer: chains written inside store transactions, a queue for events that
+have no transaction of their own, and signed checkpoints (ADR 0008).
+
+Chains ("lanes"): a hash chain needs its predecessor's hash, and a single chain shared by every
+transaction would serialise all commits of all broker processes on one row lock held through the
+WAL flush. Instead each broker process keeps a small pool of lanes, one per concurrently running
+transaction, like a connection pool. A lane is checked out for one transaction, its records are
+hashed in Python from the lane's in-memory head, and the head advances only when that
+transaction commits. A rolled-back transaction leaves the head as it was. A transaction whose
+COMMIT outcome is unknown (connection lost, or the task cancelled while committing) retires its
+lane: it is never written again, and the next checkpoint reads its final head back from the
+database (by then the COMMIT has long been decided either way; reusing the lane at once could
+race with a COMMIT still in progress and fork the chain). Checkpoints sign the heads the process
+*knows* it wrote (from memory, not re-read from the table), so records deleted afterwards are
+missing against the signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+
+from securebroker.audit.checkpoint import Checkpoint, Head, SigningKey
+from securebroker.audit.record import AuditEvent, AuditRecord, genesis, seal, to_us
+from securebroker.clock import Clock, SystemClock
+from securebroker.store.sql import load
+
+log = logging.getLogger("securebroker.audit")
+
+Q = load("audit.sql")
+
+Outcome = Literal["committed", "rolled_back", "unknown"]
+
+#: events waiting for the background writer before further ones are counted, not queued
+QUEUE_LIMIT = 10_000
+
+
+def instance_name() -> str:
+    """A name for this process's chains and checkpoints: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Lane:
+    chain: int
+    seq: int
+    head: bytes
+    head_at_us: int
+    #: retired after a COMMIT with an unknown outcome; its head is read back once
+    suspect: bool = False
+
+    def stage(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        """Hash ``events`` after the head; the head itself moves only on ``advance``."""
+        out: list[AuditRecord] = []
+        seq, prev = self.seq, self.head
+        for ev in events:
+            seq += 1
+            r = seal(self.chain, seq, prev, ev)
+            out.append(r)
+            prev = r.hash
+        return out
+
+    def advance(self, staged: Sequence[AuditRecord]) -> None:
+        last = staged[-1]
+        self.seq, self.head, self.head_at_us = last.seq, last.hash, last.at_us
+
+
+def columns(records: Sequence[AuditRecord]) -> tuple[list[Any], ...]:
+    """``audit_insert``'s seventeen arrays."""
+    return (
+        [r.chain for r in records],
+        [r.seq for r in records],
+        [r.at for r in records],
+        [r.event for r in records],
+        [r.outcome for r in records],
+        [r.actor_cert for r in records],
+        [r.actor_sub for r in records],
+        [r.origin_addr for r in records],
+        [r.origin_proto for r in records],
+        [r.topic for r in records],
+        [r.subscription for r in records],
+        [r.message_id for r in records],
+        [r.key_id for r in records],
+        [r.trace_id for r in records],
+        [_json(r.detail).decode() if r.detail else None for r in records],
+        [r.prev_hash for r in records],
+        [r.hash for r in records],
+    )
+
+
+def record_of(row: asyncpg.Record) -> AuditRecord:
+    return AuditRecord(
+        chain=row["chain"],
+        seq=row["seq"],
+        at_us=to_us(row["at"]),
+        event=row["event"],
+        outcome=row["outcome"],
+        actor_cert=row["actor_cert"],
+        actor_sub=row["actor_sub"],
+        origin_addr=row["origin_addr"],
+        origin_proto=row["origin_proto"],
+        topic=row["topic"],
+        subscription=row["subscription"],
+        message_id=None if row["message_id"] is None else str(row["message_id"]),
+        key_id=row["key_id"],
+        trace_id=row["trace_id"],
+        detail=_detail(row["detail"]),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
+    )
+
+
+_json = msgspec.json.Encoder(order="sorted").encode
+
+
+def _detail(value: Any) -> dict[str, Any]:
+    """A record's ``detail`` as read: a dict with the store's jsonb codec, else JSON text."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        decoded: dict[str, Any] = msgspec.json.decode(value)
+        return decoded
+    return dict(value)
+
+
+class AuditLog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        signer: SigningKey | None,
+        clock: Clock | None = None,
+        instance: str | None = None,
+        checkpoint_interval: float = 60.0,
+    ) -> None:
+        self.pool = pool
+        self.signer = signer
+        self.clock = clock or SystemClock()
+        self.instance = instance or instance_name()
+        self.checkpoint_interval = checkpoint_interval
+        self._free: list[Lane] = []
+        self._lanes: dict[int, Lane] = {}
+        self._queue: list[AuditEvent] = []
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._n = 0
+        self._prev: bytes | None = None
+        self._signed: tuple[tuple[int, int], ...] = ()
+        self.checkpoints_written = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register the signing key's public half, make sure this month's and the next
+        month's partitions exist, and start the writer and the checkpointer."""
+        async with self.pool.acquire() as conn:
+            if self.signer is not None:
+                await conn.execute(
+                    Q["audit_key_register"], self.signer.key_id, self.signer.public_bytes()
+                )
+            await self.ensure_partitions(conn)
+        self._tasks = [
+            asyncio.ensure_future(self._write_loop()),
+            asyncio.ensure_future(self._checkpoint_loop()),
+        ]
+
+    async def ensure_partitions(self, conn: Any) -> None:
+        today = self.clock.now().date().replace(day=1)
+        following = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+        for month in (today, following):
+            await conn.fetchval(Q["audit_ensure_partition"], month)
+
+    async def close(self) -> None:
+        """Write what is queued, sign a final checkpoint, stop."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        try:
+            await self._flush()
+            await self.checkpoint(final=True)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("final audit checkpoint failed: %s", exc.__class__.__name__)  # noqa: TRY400
+
+    # -- lanes ----------------------------------------------------------------------------------
+    async def checkout(self) -> Lane:
+        if self._free:
+            return self._free.pop()
+        chain = int(await self.pool.fetchval(Q["audit_chain_create"], self.instance))
+        lane = Lane(chain, 0, genesis(chain), 0)
+        self._lanes[chain] = lane
+        return lane
+
+    def checkin(self, lane: Lane, staged: Sequence[AuditRecord], outcome: Outcome) -> None:
+        if outcome == "unknown":
+            lane.suspect = True  # retired: see the module docstring
+            return
+        if outcome == "committed" and staged:
+            lane.advance(staged)
+        self._free.append(lane)
+
+    async def _settle_suspects(self) -> None:
+        """Read back the final heads of retired lanes (their COMMIT has been decided)."""
+        for lane in [x for x in self._lanes.values() if x.suspect]:
+            row = await self.pool.fetchrow(Q["audit_chain_head"], lane.chain)
+            if row is not None:
+                lane.seq, lane.head = row["seq"], bytes(row["hash"])
+                lane.head_at_us = to_us(row["at"])
+            lane.suspect = False
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, pool: asyncpg.Pool | None = None
+    ) -> AsyncIterator[tuple[Any, list[AuditEvent]]]:
+        """A database transaction whose audit events (appended by the caller to the yielded
+        list) are chained and inserted just before COMMIT."""
+        events: list[AuditEvent] = []
+        lane = await self.checkout()
+        staged: list[AuditRecord] = []
+        outcome: Outcome = "rolled_back"
+        try:
+            async with (pool or self.pool).acquire() as conn:
+                async with conn.transaction():
+                    yield conn, events
+                    if events:
+                        staged = lane.stage(events)
+                        await conn.execute(Q["audit_insert"], *columns(staged))
+                    outcome = "unknown"  # from here on a failure is in COMMIT
+                outcome = "committed"
+        finally:
+            self.checkin(lane, staged, outcome)
+
+    def heads(self) -> list[Head]:
+        return [
+            Head(chain=lane.chain, seq=lane.seq, hash=lane.head, at_us=lane.head_at_us)
+            for lane in sorted(self._lanes.values(), key=lambda x: x.chain)
+            if lane.seq > 0 and not lane.suspect
+        ]
+
+    # -- events without a transaction of their own ----------------------------------------------
+    def record(self, events: Iterable[AuditEvent]) -> None:
+        """Queue events that record something outside a store transaction (refused
+        connections, denials, rejected publishes, policy reloads). Written in batches by a
+        background task; beyond ``QUEUE_LIMIT`` they are counted and a summary record says how
+        many were not written, so a flood cannot exhaust memory or go unnoticed."""
+        for ev in events:
+            if len(self._queue) >= QUEUE_LIMIT:
+                self._dropped += 1
+            else:
+                self._queue.append(ev)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Write the queued events now."""
+        await self._flush()
+
+    async def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("audit write failed, will retry: %s", exc.__class__.__name__)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._stop.wait()
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        # one writer at a time, so ``flush`` returns only after a batch the background writer
+        # already took has been written too
+        async with self._flushing:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        while self._queue or self._dropped:
+            batch, self._queue = self._queue[:1000], self._queue[1000:]
+            if self._dropped:
+                from securebroker.audit.events import suppressed  # noqa: PLC0415
+
+                batch.append(suppressed(self.clock.now(), self._dropped))
+                dropped, self._dropped = self._dropped, 0
+            else:
+                dropped = 0
+            try:
+                async with self.transaction() as (_, events):
+                    events.extend(batch)
+            except BaseException:
+                self._queue[:0] = [e for e in batch if e.event != "audit_suppressed"]
+                self._dropped += dropped
+                raise
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    async def _checkpoint_loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.checkpoint_interval):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
+            try:
+                await self.checkpoint()
+                async with self.pool.acquire() as conn:
+                    await self.ensure_partitions(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("audit checkpoint failed, will retry: %s", exc.__class__.__name__)
+
+    async def checkpoint(self, *, final: bool = False) -> Checkpoint | None:
+        """Sign the heads of this process's chains, if any moved since the last signature (or
+        ``final``, at shutdown). Without a signing key nothing is signed (tests only: ``serve``
+        requires one)."""
+        if self.signer is None:
+            return None
+        await self._settle_suspects()
+        heads = self.heads()
+        state = tuple((h.chain, h.seq) for h in heads)
+        if not heads or (state == self._signed and not final):
+            return None
+        now = self.clock.now()
+        cp = self.signer.sign_checkpoint(
+            instance=self.instance,
+            n=self._n + 1,
+            prev=self._prev,
+            at_us=to_us(now),
+            final=final,
+            heads=tuple(heads),
+        )
+        await self.pool.execute(
+            Q["audit_checkpoint_insert"],
+            self.instance,
+            cp.n,
+            now,
+            cp.body,
+            cp.signature,
+            cp.key_id,
+        )
+        self._n, self._prev, self._signed = cp.n, cp.digest(), state
+        self.checkpoints_written += 1
+        return cp
+
+    # -- reading (auditor operations) -----------------------------------------------------------
+    async def trail(self, message_id: uuid.UUID, limit: int = 10_000) -> list[AuditRecord]:
+        rows = await self.pool.fetch(Q["audit_trail"], message_id, limit)
+        return [record_of(r) for r in rows]
+
+    async def search(
+        self,
+        since: datetime,
+        until: datetime,
+        *,
+        actor: str | None,
+        topic: str | None,
+        event: str | None,
+        after: tuple[datetime, int, int] | None,
+        limit: int,
+    ) -> list[AuditRecord]:
+        cursor = after or (since, 0, 0)
+        rows = await self.pool.fetch(
+            Q["audit_search"], since, until, actor, topic, event, *cursor, limit
+        )
+        return [record_of(r) for r in rows]
+
+    async def export_page(
+        self, since: datetime, until: datetime, after: tuple[int, int], limit: int
+    ) -> list[AuditRecord]:
+        rows = await self.pool.fetch(Q["audit_export"], since, until, after[0], after[1], limit)
+        return [record_of(r) for r in rows]
+
+    async def checkpoints(self, since: datetime, until: datetime) -> list[Checkpoint]:
+        rows = await self.pool.fetch(Q["audit_checkpoints"], since, until)
+        return [
+            Checkpoint.parse(bytes(r["body"]), bytes(r["signature"]), r["key_id"]) for r in rows
+        ]
+
+    async def horizon(self) -> datetime | None:
+        """Where the kept log starts: after the newest month pruned by retention, if any."""
+        month = await self.pool.fetchval(Q["audit_horizon"])
+        return None if month is None else datetime(month.year, month.month, 1, tzinfo=UTC)
+
+    async def public_keys(self) -> list[tuple[str, bytes]]:
+        rows = await self.pool.fetch(Q["audit_keys"])
+        return [(r["key_id"], bytes(r["public_key"])) for r in rows]
