@@ -29,7 +29,7 @@ CREATE TABLE sb_audit (
     message_id    uuid,
     key_id        text,
     trace_id      text,
-    detail        jsonb,
+    detail        text,                     -- canonical JSON (sorted keys); cast to jsonb to query
     prev_hash     bytea NOT NULL,
     hash          bytea NOT NULL
 ) PARTITION BY RANGE (at);

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import ssl
@@ -39,7 +40,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, TracerProvider
 
 from securebroker.clock import from_ms, to_ms
-from securebroker.core.model import PublishRequest, PublishResult
+from securebroker.core.model import PublishRequest, PublishResult, SettleOutcome
 from securebroker.errors import (
     AuthenticationError,
     BrokerError,
@@ -150,6 +151,13 @@ class Message:
         with self._client._tracing.settle(self, Operation.NACK):
             _raise_settle(await self._client.request(f.Nack(items=[item])))
 
+    async def settle(
+        self, publish: Sequence[OutgoingMessage] = (), *, settle_id: str | None = None
+    ) -> SettleOutcome:
+        """Ack this message and publish ``publish`` in one broker transaction: all or nothing
+        (``Client.settle``)."""
+        return await self._client.settle([self], publish, settle_id=settle_id)
+
     async def extend(self, lease: timedelta) -> datetime:
         reply = await self._client.request(
             f.Extend(
@@ -162,6 +170,15 @@ class Message:
         assert isinstance(reply, f.Extended)
         self.lease_expires_at = from_ms(reply.lease_expires_ms)
         return self.lease_expires_at
+
+
+def default_settle_id(acks: Sequence[Message]) -> str:
+    """A settle id that names what is settled: the acked (subscription, message id) pairs. A
+    message is acked at most once, so the same id can only mean a repeat of the same settle."""
+    digest = hashlib.sha256()
+    for sub, mid in sorted((m.subscription, str(m.id)) for m in acks):
+        digest.update(f"{sub}\x00{mid}\x00".encode())
+    return f"settle-{digest.hexdigest()[:48]}"
 
 
 def _raise_settle(reply: f.Frame) -> None:
@@ -604,6 +621,40 @@ class Client:
                 r = reply.results[0]
                 self._tracing.confirmed(span, r.message_id, duplicate=r.duplicate)
         return [PublishResult(uuid.UUID(r.message_id), r.duplicate) for r in reply.results]
+
+    async def settle(
+        self,
+        acks: Sequence[Message],
+        publish: Sequence[OutgoingMessage] = (),
+        *,
+        settle_id: str | None = None,
+    ) -> SettleOutcome:
+        """Atomic settle (consume-transform-produce): ack ``acks`` and publish ``publish`` in
+        one broker transaction. Either everything happens or nothing does: a stale lease or a
+        refused output raises, and then nothing was acked or published.
+
+        Safe to retry after an unknown outcome (a lost connection, a crash before the reply):
+        the broker keeps each ``settle_id`` (per principal) for the idempotency retention period
+        and answers a repeat with the first outcome and ``duplicate=True``. The default id is
+        derived from the acked messages, so retrying the same settle, even from a restarted
+        process that received the same deliveries again, is recognised. Outputs without an
+        idempotency key get ``{settle_id}/{index}``.
+        """
+        if not acks:
+            raise ValueError("a settle acks at least one message")
+        sid = settle_id or default_settle_id(acks)
+        items = [_to_item(m, m.idempotency_key or f"{sid}/{i}") for i, m in enumerate(publish)]
+        frame = f.Settle(settle_id=sid, acks=[m._item() for m in acks], publish=items)
+        if items:
+            with self._tracing.send(items):  # the outputs carry their creation context
+                reply = await self.request(frame, retry=True)
+        else:
+            reply = await self.request(frame, retry=True)
+        assert isinstance(reply, f.SettleConfirm)
+        return SettleOutcome(
+            [PublishResult(uuid.UUID(r.message_id), r.duplicate) for r in reply.results],
+            reply.duplicate,
+        )
 
     def consume(
         self, subscription: str, *, credit: int = 100, lease: timedelta | None = None

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from securebroker.audit.record import (
+    _NO_DETAIL,
     BROKER,
     Actor,
     AuditEvent,
@@ -34,15 +35,16 @@ def message_event(
     detail: Mapping[str, Scalar] | None = None,
 ) -> AuditEvent:
     return AuditEvent(
-        at=at,
-        event=event,
-        actor=actor or UNKNOWN,
-        outcome=outcome,
-        topic=topic,
-        subscription=subscription,
-        message_id=str(message_id),
-        trace_id=trace_id_of(trace_context) if trace_context else None,
-        detail=detail or {},
+        at,
+        event,
+        actor or UNKNOWN,
+        outcome,
+        topic,
+        subscription,
+        str(message_id),
+        None,
+        trace_id_of(trace_context) if trace_context else None,
+        detail or _NO_DETAIL,
     )
 
 

@@ -25,6 +25,7 @@ from securebroker.core.model import (
     PreparedMessage,
     PublishRequest,
     PublishResult,
+    SettleOutcome,
     SettleRef,
     SubscriptionInfo,
     SubscriptionSettings,
@@ -381,6 +382,35 @@ class Broker:
             for r in refs
         ]
         return await self.store.nack(cleaned, self._now(), self.retry)
+
+    async def settle(
+        self,
+        acks: Sequence[SettleRef],
+        reqs: Sequence[PublishRequest] = (),
+        *,
+        settle_id: str,
+        producer: str = "",
+        actor: Actor | None = None,
+    ) -> SettleOutcome:
+        """Atomic settle (DESIGN §3.6): ack ``acks`` and publish ``reqs`` in one transaction,
+        all or nothing. ``settle_id`` (unique per producer) makes a retry idempotent."""
+        if not acks:
+            raise ValidationError("a settle acks at least one delivery")
+        if not 1 <= len(settle_id) <= self.limits.max_key:
+            raise ValidationError(f"settle_id must be 1 to {self.limits.max_key} characters")
+        self._check_batch(acks)
+        key_scopes = self._key_scopes(reqs)
+        if self.envelope is not None and key_scopes:
+            await self.envelope.prepare(key_scopes)
+        prepared = self._prepare_all(reqs, producer, None, key_scopes, actor) if reqs else []
+        return await self.store.settle(
+            acks,
+            prepared,
+            scope=producer,
+            settle_id=settle_id,
+            retention=self.settings.idempotency_retention,
+            now=self._now(),
+        )
 
     async def extend(self, ref: SettleRef, lease: timedelta) -> datetime:
         self._check_lease(lease)

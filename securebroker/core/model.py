@@ -174,6 +174,16 @@ class SweepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleOutcome:
+    """What an atomic settle did: the outputs' publish results, in request order. ``duplicate``
+    means this settle id had already been applied: these are the first outcome's results and
+    nothing changed now."""
+
+    results: list[PublishResult]
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class CleanupResult:
     messages: int = 0
     idempotency_keys: int = 0

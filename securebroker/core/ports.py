@@ -21,6 +21,7 @@ from securebroker.core.model import (
     NackRef,
     PreparedMessage,
     PublishResult,
+    SettleOutcome,
     SettleRef,
     SubscriptionInfo,
     SubscriptionSettings,
@@ -96,6 +97,22 @@ class Store(Protocol):
     ) -> list[BrokerError | None]: ...
 
     async def extend(self, ref: SettleRef, lease_for: timedelta, now: datetime) -> datetime: ...
+
+    async def settle(
+        self,
+        acks: Sequence[SettleRef],
+        messages: Sequence[PreparedMessage],
+        *,
+        scope: str,
+        settle_id: str,
+        retention: timedelta,
+        now: datetime,
+    ) -> SettleOutcome:
+        """Atomic settle: ack every delivery and publish every message in one transaction, or
+        nothing (a stale lease raises ``StaleLease`` naming the message; a publish error
+        raises as ``publish`` does). ``(scope, settle_id)`` seen within ``retention`` returns
+        the first outcome with ``duplicate=True`` and changes nothing."""
+        ...
 
     # -- maintenance ---------------------------------------------------------------------------
     async def sweep(self, now: datetime, limit: int) -> SweepResult:

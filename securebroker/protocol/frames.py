@@ -64,6 +64,8 @@ __all__ = [
     "Publish",
     "PublishBatch",
     "PublishItem",
+    "Settle",
+    "SettleConfirm",
     "SettleItem",
     "SettleResult",
     "Settled",
@@ -390,6 +392,29 @@ class Close(_Frame, kw_only=True, frozen=True):
     reason: Text = ""
 
 
+class Settle(_Frame, kw_only=True, frozen=True):
+    """Atomic settle: ack ``acks`` and publish ``publish`` in one broker transaction, all or
+    nothing. ``settle_id`` makes a retry after an unknown outcome idempotent: the same id (per
+    principal) returns the first outcome, with ``duplicate``, and changes nothing."""
+
+    TYPE = 24
+    NAME = "SETTLE"
+    SENDER = "client"
+    settle_id: Key
+    acks: Annotated[list[SettleItem], Meta(min_length=1, max_length=MAX_BATCH)]
+    publish: Annotated[list[PublishItem], Meta(max_length=MAX_BATCH)] = []
+
+
+class SettleConfirm(_Frame, kw_only=True, frozen=True):
+    TYPE = 25
+    NAME = "SETTLE_CONFIRM"
+    SENDER = "server"
+    #: the outputs' ids, in request order
+    results: Annotated[list[Confirmed], Meta(max_length=MAX_BATCH)]
+    #: this settle id had already been applied: nothing changed now
+    duplicate: bool = False
+
+
 Frame = (
     Hello
     | Welcome
@@ -414,6 +439,8 @@ Frame = (
     | Admin
     | AdminResult
     | Close
+    | Settle
+    | SettleConfirm
 )
 
 _ALL: tuple[type[Frame], ...] = (
@@ -440,6 +467,8 @@ _ALL: tuple[type[Frame], ...] = (
     Admin,
     AdminResult,
     Close,
+    Settle,
+    SettleConfirm,
 )
 
 #: Frame type number -> body struct. Numbers not in here are rejected by version 1.
@@ -631,7 +660,18 @@ def _v_nack(frame: Nack, limits: Limits) -> None:
             _check_len(frame, f"items[{i}].error", item.error, limits.max_error_text)
 
 
-def _v_confirm(frame: Confirm, limits: Limits) -> None:
+def _v_settle(frame: Settle, limits: Limits) -> None:
+    _check_batch(frame, "acks", len(frame.acks), limits)
+    _check_batch(frame, "publish", len(frame.publish), limits)
+    _check_len(frame, "settle_id", frame.settle_id, limits.max_key)
+    if limits.max_name < MAX_NAME:
+        for i, item in enumerate(frame.acks):
+            _check_len(frame, f"acks[{i}].subscription", item.subscription, limits.max_name)
+    for i, msg in enumerate(frame.publish):
+        _check_item(frame, f"publish[{i}].", msg, limits)
+
+
+def _v_confirm(frame: Confirm | SettleConfirm, limits: Limits) -> None:
     _check_batch(frame, "results", len(frame.results), limits)
 
 
@@ -680,6 +720,8 @@ _VALIDATORS: Mapping[type[Frame], Callable[[Any, Limits], None]] = {
     Ack: _v_ack,
     Nack: _v_nack,
     Confirm: _v_confirm,
+    Settle: _v_settle,
+    SettleConfirm: _v_confirm,
     Settled: _v_settled,
     Subscribe: _v_subscribe,
     Credit: _v_credit,

@@ -602,7 +602,7 @@ class Connection:
                 await self._publish_fast([item], rid, single=True)
             case f.PublishBatch(messages=items):
                 await self._publish_fast(items, rid, single=False)
-            case f.Ack() | f.Nack() | f.Extend() | f.Admin():
+            case f.Ack() | f.Nack() | f.Extend() | f.Admin() | f.Settle():
                 await self._spawn(self._request(frame, rid))
             case f.Subscribe():
                 await self._subscribe(frame, rid)
@@ -879,6 +879,8 @@ class Connection:
                     for i in items
                 ]
                 return self._settled(nrefs, await broker.nack_batch(nrefs))
+            case f.Settle():
+                return await self._atomic_settle(frame)
             case f.Extend():
                 await self._authorize_settle([frame.subscription])
                 ref = SettleRef(
@@ -897,6 +899,45 @@ class Connection:
                 )
                 return f.AdminResult(result=result)
         raise ProtocolError(f"unexpected {frame.NAME} frame")
+
+    async def _atomic_settle(self, frame: f.Settle) -> f.SettleConfirm:
+        """Acks and publishes in one broker transaction (DESIGN §3.6): every ack's subscription
+        must allow consume and every output's topic publish, or nothing is attempted."""
+        principal = self.principal
+        assert principal is not None
+        await self._authorize_settle(i.subscription for i in frame.acks)
+        topics = {m.topic for m in frame.publish}
+        for topic in topics:
+            self._authorize(Action.PUBLISH, topic)
+        refs = [
+            SettleRef(
+                i.subscription,
+                _uuid(i.message_id, "message_id"),
+                _uuid(i.lease_token, "lease_token"),
+                self.actor,
+            )
+            for i in frame.acks
+        ]
+        outcome = await self.server.broker.settle(
+            refs,
+            [to_request(m) for m in frame.publish],
+            settle_id=frame.settle_id,
+            producer=principal.name,
+            actor=self.actor,
+        )
+        for ref in refs:
+            for c in self.consumers.values():
+                if c.subscription == ref.subscription:
+                    c.settled(ref.message_id)
+        for topic in topics:
+            self.server.wakeups.notify(topic)
+        return f.SettleConfirm(
+            results=[
+                f.Confirmed(message_id=str(r.message_id), duplicate=r.duplicate)
+                for r in outcome.results
+            ],
+            duplicate=outcome.duplicate,
+        )
 
     def _settled(
         self, refs: Sequence[SettleRef | NackRef], results: list[BrokerError | None]

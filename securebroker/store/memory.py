@@ -23,6 +23,7 @@ from securebroker.core.model import (
     NackRef,
     PreparedMessage,
     PublishResult,
+    SettleOutcome,
     SettleRef,
     SubscriptionCounts,
     SubscriptionInfo,
@@ -78,6 +79,7 @@ class MemoryStore:
         self.messages: dict[uuid.UUID, tuple[int, PreparedMessage]] = {}
         self.rows: dict[tuple[uuid.UUID, str], _Row] = {}
         self.idem: dict[tuple[str, str, str], tuple[uuid.UUID, bytes, datetime]] = {}
+        self.settles: dict[tuple[str, str], tuple[list[PublishResult], datetime]] = {}
         self._seq = itertools.count(1)
 
     # -- topics and subscriptions ------------------------------------------------------------
@@ -304,6 +306,35 @@ class MemoryStore:
             out.append(None)
         return out
 
+    async def settle(
+        self,
+        acks: Sequence[SettleRef],
+        messages: Sequence[PreparedMessage],
+        *,
+        scope: str,
+        settle_id: str,
+        retention: timedelta,
+        now: datetime,
+    ) -> SettleOutcome:
+        prior = self.settles.get((scope, settle_id))
+        if prior is not None and prior[1] > now - retention:
+            return SettleOutcome(list(prior[0]), duplicate=True)
+        seen: set[tuple[uuid.UUID, str]] = set()
+        for ref in acks:  # all acks must be valid before anything changes
+            r = self._owned(ref)
+            if (ref.message_id, ref.subscription) in seen:
+                r = StaleLease(STALE)
+            seen.add((ref.message_id, ref.subscription))
+            if isinstance(r, BrokerError):
+                raise type(r)(
+                    f"settle {settle_id!r}: {r.message} (message {ref.message_id} on "
+                    f"{ref.subscription}); nothing was acked or published"
+                )
+        published = await self.publish(messages, retention) if messages else []
+        await self.ack(acks, now)
+        self.settles[(scope, settle_id)] = (list(published), now)
+        return SettleOutcome(published)
+
     async def nack(
         self, refs: Sequence[NackRef], now: datetime, policy: RetryPolicy
     ) -> list[BrokerError | None]:
@@ -381,6 +412,8 @@ class MemoryStore:
         old = [k for k, v in self.idem.items() if v[2] < now - idempotency_retention][:limit]
         for k in old:
             del self.idem[k]
+        for s in [k for k, v in self.settles.items() if v[1] < now - idempotency_retention]:
+            del self.settles[s]
         return CleanupResult(len(gone), len(old))
 
     # -- dead letters and purge ----------------------------------------------------------------

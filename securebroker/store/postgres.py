@@ -31,6 +31,7 @@ from securebroker.core.model import (
     NackRef,
     PreparedMessage,
     PublishResult,
+    SettleOutcome,
     SettleRef,
     SubscriptionCounts,
     SubscriptionInfo,
@@ -627,6 +628,40 @@ class PostgresStore:
                 await conn.execute(Q["nack_apply"], *cols, now)
             return results
 
+    async def settle(
+        self,
+        acks: Sequence[SettleRef],
+        messages: Sequence[PreparedMessage],
+        *,
+        scope: str,
+        settle_id: str,
+        retention: timedelta,
+        now: datetime,
+    ) -> SettleOutcome:
+        async with self._tx() as (conn, events):
+            if await conn.fetchval(Q["settle_claim"], scope, settle_id, now) is None:
+                # taken: by a committed settle (its results), or by one past retention
+                prior = await conn.fetchrow(Q["settle_get"], scope, settle_id)
+                assert prior is not None
+                if prior["created_at"] > now - retention and prior["results"] is not None:
+                    return SettleOutcome(_settle_results(prior["results"]), duplicate=True)
+                await conn.execute(Q["settle_renew"], scope, settle_id, now)
+            acked = await self.ack_in(conn, acks, now, events)
+            for ref, err in zip(acks, acked, strict=True):
+                if err is not None:
+                    raise type(err)(
+                        f"settle {settle_id!r}: {err.message} (message {ref.message_id} on "
+                        f"{ref.subscription}); nothing was acked or published"
+                    )
+            published = await self.publish_in(conn, messages, retention, events) if messages else []
+            await conn.execute(
+                Q["settle_done"],
+                scope,
+                settle_id,
+                [[str(r.message_id), r.duplicate] for r in published],
+            )
+        return SettleOutcome(published)
+
     async def extend(self, ref: SettleRef, lease_for: timedelta, now: datetime) -> datetime:
         async with self.pool.acquire() as conn:
             sub = await self._sub(conn, ref.subscription)
@@ -652,6 +687,7 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             msgs = await conn.execute(Q["cleanup_messages"], now - grace, limit)
             keys = await conn.execute(Q["cleanup_idempotency"], now - idempotency_retention, limit)
+            await conn.execute(Q["cleanup_settles"], now - idempotency_retention, limit)
         return CleanupResult(_count(msgs), _count(keys))
 
     # -- dead letters and purge ----------------------------------------------------------------
@@ -710,6 +746,10 @@ class PostgresStore:
                 op = "dlq.purge" if dead else "subscription.purge"
                 _per_message(events, Event.PURGED, rows, _at(now), actor, sub, op)
         return len(rows)
+
+
+def _settle_results(stored: Any) -> list[PublishResult]:
+    return [PublishResult(uuid.UUID(mid), bool(dup)) for mid, dup in stored]
 
 
 def _at(now: datetime | None) -> datetime:

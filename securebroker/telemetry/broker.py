@@ -124,6 +124,8 @@ def start_settle(tracer: Tracer, frame: f.Frame, conn: Connection) -> Span | Non
         operation, items = sc.Operation.ACK, [(i.subscription, i.message_id) for i in frame.items]
     elif isinstance(frame, f.Nack):
         operation, items = sc.Operation.NACK, [(i.subscription, i.message_id) for i in frame.items]
+    elif isinstance(frame, f.Settle):  # atomic settle: acks (and outputs) in one transaction
+        operation, items = sc.Operation.ACK, [(i.subscription, i.message_id) for i in frame.acks]
     else:
         return None
     subscriptions = {s for s, _ in items}

@@ -21,14 +21,13 @@ def this_month(h: NativeHarness) -> date:
     return h.clock.now().date().replace(day=1)
 
 
-def later(h: NativeHarness) -> datetime:
-    """A "now" that makes this month old enough to prune (14 months on)."""
-    return month_start(add_months(this_month(h), 14))
+def later(month: date) -> datetime:
+    """A "now" that makes ``month`` old enough to prune (14 months on)."""
+    return month_start(add_months(month, 14))
 
 
-async def january(h: NativeHarness) -> int:
-    """Records of the harness's month (named for readability: the month being pruned)."""
-    m = this_month(h)
+async def records_of(h: NativeHarness, m: date) -> int:
+    """Records of month ``m`` in the database."""
     async with h.store.pool.acquire() as conn:
         n: int = await conn.fetchval(
             "SELECT count(*) FROM sb_audit WHERE at >= $1 AND at < $2",
@@ -38,77 +37,82 @@ async def january(h: NativeHarness) -> int:
     return n
 
 
-async def exported(h: NativeHarness, tmp_path: Path) -> Path:
+async def exported(h: NativeHarness, tmp_path: Path) -> tuple[Path, date]:
+    """Traffic in this month, then (two months on, so the month is complete: the export's own
+    access record lands later) a verified export. Returns the bundle and the month."""
+    month = this_month(h)
     await make_queue(h, "payments.orders", "ledger")
     await traffic(h, 5)
     await signed(h)
+    h.clock.advance(timedelta(days=62))
     code, report = await export_and_verify(h, tmp_path)
     assert code == 0, report
-    return tmp_path / "audit.jsonl.gz"
+    return tmp_path / "audit.jsonl.gz", month
 
 
 async def test_a_verified_export_lets_its_month_be_dropped(
     native: NativeHarness, tmp_path: Path
 ) -> None:
-    bundle = await exported(native, tmp_path)
-    kept = await january(native)
+    bundle, month = await exported(native, tmp_path)
+    kept = await records_of(native, month)
     assert native.audit is not None and native.audit.signer is not None
     done = await prune(
         native.audit,
-        before=add_months(this_month(native), 1),
+        before=add_months(month, 1),
         bundle_path=bundle,
         trusted_key=native.audit.signer.public_bytes(),
-        now=later(native),
+        now=later(month),
     )
-    assert [(p.month, p.records) for p in done] == [(this_month(native), kept)]
-    assert await january(native) == 0
+    assert [(p.month, p.records) for p in done] == [(month, kept)]
+    assert await records_of(native, month) == 0
     async with native.store.pool.acquire() as conn:
         pruned = await conn.fetchrow("SELECT month, records FROM sb_audit_pruned")
         event = await conn.fetchrow(
-            "SELECT detail FROM sb_audit WHERE event = 'admin' "
-            "AND detail->>'operation' = 'audit.prune'"
+            "SELECT detail::jsonb AS detail FROM sb_audit WHERE event = 'admin' "
+            "AND detail::jsonb->>'operation' = 'audit.prune'"
         )
     assert pruned is not None and pruned["records"] == kept
-    assert event is not None and event["detail"]["month"] == f"{this_month(native):%Y-%m}"
+    assert event is not None and event["detail"]["month"] == f"{month:%Y-%m}"
     # what is kept still verifies: exports now start where the kept log starts (the test's
     # "now" is 14 months on, so the export runs up to then)
     again = tmp_path / "after"
     again.mkdir()
-    until = (later(native) + timedelta(days=1)).isoformat()
+    until = (later(month) + timedelta(days=1)).isoformat()
     code, report = await export_and_verify(native, again, "--until", until)
     assert code == 0, report
 
 
 async def test_an_incomplete_export_prunes_nothing(native: NativeHarness, tmp_path: Path) -> None:
-    bundle = await exported(native, tmp_path)
-    await traffic(native, 2)  # more January records than the export holds
-    before = await january(native)
+    bundle, month = await exported(native, tmp_path)
+    native.clock.advance(timedelta(days=-62))  # back in that month: records it does not hold
+    await traffic(native, 2)
+    before = await records_of(native, month)
     assert native.audit is not None and native.audit.signer is not None
     with pytest.raises(ValidationError, match="export that month again; nothing was pruned"):
         await prune(
             native.audit,
-            before=add_months(this_month(native), 1),
+            before=add_months(month, 1),
             bundle_path=bundle,
             trusted_key=native.audit.signer.public_bytes(),
-            now=later(native),
+            now=later(month),
         )
-    assert await january(native) == before
+    assert await records_of(native, month) == before
 
 
 async def test_a_month_inside_the_retention_period_is_kept(
     native: NativeHarness, tmp_path: Path
 ) -> None:
-    bundle = await exported(native, tmp_path)
+    bundle, month = await exported(native, tmp_path)
     assert native.audit is not None and native.audit.signer is not None
     with pytest.raises(ValidationError, match="within the 12-month retention period"):
         await prune(
             native.audit,
-            before=add_months(this_month(native), 1),
+            before=add_months(month, 1),
             bundle_path=bundle,
             trusted_key=native.audit.signer.public_bytes(),
-            now=month_start(add_months(this_month(native), 5)),
+            now=month_start(add_months(month, 5)),
         )
-    assert await january(native) > 0
+    assert await records_of(native, month) > 0
 
 
 async def test_an_export_signed_by_another_key_prunes_nothing(
@@ -116,14 +120,14 @@ async def test_an_export_signed_by_another_key_prunes_nothing(
 ) -> None:
     from securebroker.audit.checkpoint import SigningKey  # noqa: PLC0415
 
-    bundle = await exported(native, tmp_path)
+    bundle, month = await exported(native, tmp_path)
     assert native.audit is not None
     with pytest.raises(ValidationError, match="does not verify"):
         await prune(
             native.audit,
-            before=add_months(this_month(native), 1),
+            before=add_months(month, 1),
             bundle_path=bundle,
             trusted_key=SigningKey.generate().public_bytes(),
-            now=later(native),
+            now=later(month),
         )
-    assert await january(native) > 0
+    assert await records_of(native, month) > 0

@@ -23,7 +23,10 @@ async def records(h: NativeHarness, event: str) -> list[dict[str, Any]]:
     await h.audit.flush()
     async with h.store.pool.acquire() as conn:
         rows = await conn.fetch(
-            "SELECT * FROM sb_audit WHERE event = $1 ORDER BY chain, seq", event
+            "SELECT event, outcome, actor_cert, actor_sub, origin_addr, origin_proto, topic, "
+            "subscription, detail::jsonb AS detail FROM sb_audit WHERE event = $1 "
+            "ORDER BY chain, seq",
+            event,
         )
     return [dict(r) for r in rows]
 

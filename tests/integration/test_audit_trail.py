@@ -220,7 +220,8 @@ async def test_rejected_publish_is_recorded_with_its_reason(native: NativeHarnes
     await native.audit.close()  # flushes the queued events (and signs a final checkpoint)
     async with native.store.pool.acquire() as conn:
         row = await conn.fetchrow(
-            "SELECT outcome, detail, actor_cert FROM sb_audit WHERE event = 'rejected'"
+            "SELECT outcome, detail::jsonb AS detail, actor_cert FROM sb_audit "
+            "WHERE event = 'rejected'"
         )
     assert row is not None
     assert row["outcome"] == "failure"
@@ -238,7 +239,7 @@ async def test_admin_actions_are_recorded_in_the_same_transaction(
     await admin.admin("topic.delete", name="orders")
     async with native.store.pool.acquire() as conn:
         rows = await conn.fetch(
-            "SELECT detail->>'operation' AS op, actor_cert, topic FROM sb_audit "
+            "SELECT detail::jsonb->>'operation' AS op, actor_cert, topic FROM sb_audit "
             "WHERE event = 'admin' ORDER BY chain, seq"
         )
     assert sorted(r["op"] for r in rows) == [

@@ -379,7 +379,7 @@ async def test_destroy_scope_from_the_cli(enc: Encrypted, tmp_path: Path) -> Non
     # the audit trail has the DEK's creation (by the broker) and its destruction (by the CLI)
     async with enc.h.store.pool.acquire() as conn:
         trail = await conn.fetch(
-            "SELECT event, origin_proto, detail FROM sb_audit WHERE key_id = $1 "
+            "SELECT event, origin_proto, detail::jsonb AS detail FROM sb_audit WHERE key_id = $1 "
             "ORDER BY at, chain, seq",
             str(old["id"]),
         )

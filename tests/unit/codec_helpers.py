@@ -46,6 +46,7 @@ from securebroker.protocol import (
     Unsubscribe,
     Welcome,
 )
+from securebroker.protocol import frames as f
 from securebroker.protocol.frames import MAX_FRAME
 
 DEFAULT = Limits()
@@ -152,6 +153,12 @@ SAMPLES: list[Frame] = [
     AdminResult(result={"topics": ["a", "b"], "count": 2}),
     AdminResult(),
     Close(code=0, reason="bye"),
+    f.Settle(
+        settle_id="settle-abc",
+        acks=[SettleItem(subscription="payments.worker", message_id=MID, lease_token=MID)],
+        publish=[PublishItem(topic="payments.completed", payload=b"paid")],
+    ),
+    f.SettleConfirm(results=[Confirmed(message_id=MID)], duplicate=True),
 ]
 
 # --- strategies for frames of every type ----------------------------------------------------
@@ -212,6 +219,12 @@ client_frames: st.SearchStrategy[Frame] = st.one_of(
     st.just(Pong()),
     st.builds(Admin, op=names, args=st.dictionaries(text, json_like, max_size=3)),
     st.builds(Close, code=st.integers(0, 0xFFFF), reason=text),
+    st.builds(
+        f.Settle,
+        settle_id=keys,
+        acks=st.lists(settle_items, min_size=1, max_size=3),
+        publish=st.lists(publish_items, max_size=2),
+    ),
 )
 
 server_frames: st.SearchStrategy[Frame] = st.one_of(
@@ -266,4 +279,9 @@ server_frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(AdminResult, result=json_like),
     st.just(Ping()),
     st.just(Close(code=1, reason="shutdown")),
+    st.builds(
+        f.SettleConfirm,
+        results=st.lists(st.builds(Confirmed, message_id=ids, duplicate=st.booleans()), max_size=3),
+        duplicate=st.booleans(),
+    ),
 )

@@ -55,7 +55,7 @@ def event_of(r: AuditRecord, **changes: object) -> AuditEvent:
         trace_id=r.trace_id,
         detail=dict(r.detail),
     )
-    return dataclasses.replace(ev, **changes)
+    return ev._replace(**changes)
 
 
 def build_chain(chain: int, length: int, *, start: int = 1, offset_s: int = 0) -> list[AuditRecord]:

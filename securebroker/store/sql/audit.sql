@@ -1,20 +1,6 @@
 -- Named queries of the audit trail (securebroker/audit/log.py, docs/adr/0008-audit-trail.md).
 -- Parsed once at import; every value is a bind parameter.
 
--- name: audit_insert
--- ``detail`` arrives as JSON text (so any connection can insert, whatever its type codecs).
-INSERT INTO sb_audit (chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr,
-                      origin_proto, topic, subscription, message_id, key_id, trace_id, detail,
-                      prev_hash, hash)
-SELECT r.chain, r.seq, r.at, r.event, r.outcome, r.actor_cert, r.actor_sub, r.origin_addr,
-       r.origin_proto, r.topic, r.subscription, r.message_id, r.key_id, r.trace_id,
-       r.detail::jsonb, r.prev_hash, r.hash
-FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
-            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-            $12::uuid[], $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bytea[])
-    AS r (chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr, origin_proto,
-          topic, subscription, message_id, key_id, trace_id, detail, prev_hash, hash);
-
 -- name: audit_chain_create
 INSERT INTO sb_audit_chains (instance) VALUES ($1) RETURNING id;
 

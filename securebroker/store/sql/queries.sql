@@ -264,6 +264,29 @@ DELETE FROM sb_idempotency WHERE ctid IN (
     SELECT ctid FROM sb_idempotency WHERE created_at < $1 ORDER BY created_at LIMIT $2
 );
 
+-- name: cleanup_settles
+DELETE FROM sb_settles WHERE ctid IN (
+    SELECT ctid FROM sb_settles WHERE created_at < $1 ORDER BY created_at LIMIT $2
+);
+
+-- name: settle_claim
+-- Taken first, so a concurrent retry of the same settle waits here for the first attempt and
+-- then sees its outcome, instead of racing it for the deliveries.
+INSERT INTO sb_settles (producer_scope, settle_id, created_at) VALUES ($1, $2, $3)
+ON CONFLICT DO NOTHING
+RETURNING settle_id;
+
+-- name: settle_get
+SELECT results, created_at FROM sb_settles WHERE producer_scope = $1 AND settle_id = $2;
+
+-- name: settle_renew
+-- A settle id older than the retention period is free again.
+UPDATE sb_settles SET created_at = $3, results = NULL
+WHERE producer_scope = $1 AND settle_id = $2;
+
+-- name: settle_done
+UPDATE sb_settles SET results = $3 WHERE producer_scope = $1 AND settle_id = $2;
+
 -- name: dead_list
 SELECT d.message_id, t.name AS topic, m.idempotency_key, d.attempts, d.dead_reason,
        d.last_error, d.dead_at, m.published_at, d.history
