@@ -855,15 +855,7 @@ class Connection:
         match frame:
             case f.Ack(items=items):
                 await self._authorize_settle(i.subscription for i in items)
-                refs = [
-                    SettleRef(
-                        i.subscription,
-                        _uuid(i.message_id, "message_id"),
-                        _uuid(i.lease_token, "lease_token"),
-                        self.actor,
-                    )
-                    for i in items
-                ]
+                refs = self._settle_refs(items)
                 return self._settled(refs, await broker.ack_batch(refs))
             case f.Nack(items=items):
                 await self._authorize_settle(i.subscription for i in items)
@@ -900,6 +892,17 @@ class Connection:
                 return f.AdminResult(result=result)
         raise ProtocolError(f"unexpected {frame.NAME} frame")
 
+    def _settle_refs(self, items: Sequence[f.SettleItem]) -> list[SettleRef]:
+        return [
+            SettleRef(
+                i.subscription,
+                _uuid(i.message_id, "message_id"),
+                _uuid(i.lease_token, "lease_token"),
+                self.actor,
+            )
+            for i in items
+        ]
+
     async def _atomic_settle(self, frame: f.Settle) -> f.SettleConfirm:
         """Acks and publishes in one broker transaction (DESIGN §3.6): every ack's subscription
         must allow consume and every output's topic publish, or nothing is attempted."""
@@ -909,15 +912,7 @@ class Connection:
         topics = {m.topic for m in frame.publish}
         for topic in topics:
             self._authorize(Action.PUBLISH, topic)
-        refs = [
-            SettleRef(
-                i.subscription,
-                _uuid(i.message_id, "message_id"),
-                _uuid(i.lease_token, "lease_token"),
-                self.actor,
-            )
-            for i in frame.acks
-        ]
+        refs = self._settle_refs(frame.acks)
         outcome = await self.server.broker.settle(
             refs,
             [to_request(m) for m in frame.publish],

@@ -770,16 +770,11 @@ def _delivered(
     for r in rows:
         if r["prev_state"] == DeliveryState.LEASED:
             events.append(
-                ae.message_event(
-                    Event.LEASE_EXPIRED,
-                    now,
-                    BROKER,
-                    r["topic"],
-                    r["message_id"],
-                    subscription=subscription,
-                    detail={"attempt": r["attempts"] - 1, "consumer": r["prev_consumer"]},
+                _lease_expired(
+                    now, r["topic"], r["message_id"], subscription, r["attempts"] - 1,
+                    r["prev_consumer"],
                 )
-            )
+            )  # fmt: skip
         events.append(
             ae.message_event(
                 Event.DELIVERED,
@@ -792,6 +787,25 @@ def _delivered(
                 detail={"attempt": r["attempts"]},
             )
         )
+
+
+def _lease_expired(
+    now: datetime,
+    topic: str,
+    message_id: uuid.UUID,
+    subscription: str,
+    attempt: int,
+    consumer: str | None,
+) -> AuditEvent:
+    return ae.message_event(
+        Event.LEASE_EXPIRED,
+        now,
+        BROKER,
+        topic,
+        message_id,
+        subscription=subscription,
+        detail={"attempt": attempt, "consumer": consumer},
+    )
 
 
 def _nacked(
@@ -846,15 +860,7 @@ def _swept(
         )
     for r in exhausted:
         events.append(
-            ae.message_event(
-                Event.LEASE_EXPIRED,
-                now,
-                BROKER,
-                r["topic"],
-                r["message_id"],
-                subscription=r["sub"],
-                detail={"attempt": r["attempts"], "consumer": r["consumer"]},
-            )
+            _lease_expired(now, r["topic"], r["message_id"], r["sub"], r["attempts"], r["consumer"])
         )
         events.append(
             ae.message_event(
