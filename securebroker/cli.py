@@ -1302,6 +1302,13 @@ from securebroker.bench.command import bench as bench_command  # noqa: E402
 
 main.add_command(bench_command)
 
+# -- producer outbox (the producer's database; the relay is a broker client) --------------------
+from securebroker.outbox.cli import build as build_outbox_group  # noqa: E402
+
+# built from this module's helpers (passed in, so securebroker.outbox.cli never imports this
+# module: no cycle, also under `python -m securebroker.cli` where this module is __main__)
+main.add_command(build_outbox_group(sys.modules[__name__]))
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
