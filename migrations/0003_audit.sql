@@ -53,19 +53,40 @@ CREATE TRIGGER sb_audit_no_truncate BEFORE TRUNCATE ON sb_audit
     FOR EACH STATEMENT EXECUTE FUNCTION sb_audit_append_only();
 
 -- Create the partition holding month ``month_start`` (the first day of a month) if missing.
--- Names are built with format('%I') from a date, never from client input.
+-- Names are built with format('%I') from a date, never from client input. If the default
+-- partition already holds rows of that month (the broker was down while it began), the month
+-- stays there (a warning, NULL): it is still exported and verified, only not prunable whole.
 CREATE FUNCTION sb_audit_ensure_partition(month_start date) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     first date := date_trunc('month', month_start)::date;
     part text := format('sb_audit_p%s', to_char(first, 'YYYYMM'));
 BEGIN
     IF to_regclass(part) IS NULL THEN
-        EXECUTE format(
-            'CREATE TABLE %I PARTITION OF sb_audit FOR VALUES FROM (%L) TO (%L)',
-            part, first::timestamp AT TIME ZONE 'UTC',
-            (first + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+        BEGIN
+            EXECUTE format(
+                'CREATE TABLE %I PARTITION OF sb_audit FOR VALUES FROM (%L) TO (%L)',
+                part, first::timestamp AT TIME ZONE 'UTC',
+                (first + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+        EXCEPTION WHEN check_violation THEN
+            RAISE WARNING 'audit month % stays in the default partition', to_char(first, 'YYYY-MM');
+            RETURN NULL;
+        END;
     END IF;
     RETURN part;
+END
+$$;
+
+-- Block writers to the partition of ``month_start`` until the transaction ends (prune checks
+-- the month against an export and drops it in one transaction). False if absent.
+CREATE FUNCTION sb_audit_lock_partition(month_start date) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    part text := format('sb_audit_p%s', to_char(date_trunc('month', month_start), 'YYYYMM'));
+BEGIN
+    IF to_regclass(part) IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('LOCK TABLE %I IN SHARE MODE', part);
+    RETURN true;
 END
 $$;
 
@@ -103,6 +124,10 @@ CREATE TABLE sb_audit_checkpoints (
     UNIQUE (instance, n)
 );
 CREATE INDEX sb_audit_checkpoints_at ON sb_audit_checkpoints (at);
+CREATE TRIGGER sb_audit_checkpoints_no_change BEFORE UPDATE OR DELETE ON sb_audit_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION sb_audit_append_only();
+CREATE TRIGGER sb_audit_checkpoints_no_truncate BEFORE TRUNCATE ON sb_audit_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION sb_audit_append_only();
 
 -- Public halves of the checkpoint signing keys, so an export is self-contained. (An auditor
 -- should still pin the key id out of band: ``audit verify --public-key``.)

@@ -6,6 +6,7 @@ CREATE TABLE sb_settles (
     producer_scope  text NOT NULL,
     settle_id       text NOT NULL,
     results         jsonb,          -- [[message_id, duplicate], ...] of the outputs
+    fingerprint     bytea NOT NULL, -- what was settled: a reused id for another settle conflicts
     created_at      timestamptz NOT NULL,
     PRIMARY KEY (producer_scope, settle_id)
 );

@@ -81,18 +81,25 @@ def security(
 ) -> AuditEvent:
     """A failed authentication or a denied authorization, with its specific reason (which the
     peer never sees)."""
-    detail: dict[str, Scalar] = {"reason": reason[:512]}
+    detail: dict[str, Scalar] = {"reason": clean(reason, 512)}
     if action is not None:
-        detail["action"] = action
+        detail["action"] = clean(action, 64)
     return AuditEvent(
         at=at,
         event=event,
         actor=actor,
         outcome=Outcome.FAILURE,
-        topic=topic,
-        subscription=subscription,
+        topic=None if topic is None else clean(topic, 255),
+        subscription=None if subscription is None else clean(subscription, 255),
         detail=detail,
     )
+
+
+def clean(text: str, limit: int) -> str:
+    """Text from a refused request, made safe to store: bounded, and without the NUL
+    character (which PostgreSQL text cannot hold: one such name must not block the writer)."""
+    text = text[:limit]
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def key_event(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -53,6 +54,8 @@ _json = msgspec.json.Encoder(order="sorted").encode
 
 #: events waiting for the background writer before further ones are counted, not queued
 QUEUE_LIMIT = 10_000
+#: errors that mean the database connection (or server) was lost
+CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 def instance_name() -> str:
@@ -66,8 +69,15 @@ class Lane:
     seq: int
     head: bytes
     head_at_us: int
-    #: retired after a COMMIT with an unknown outcome; its head is read back once
+    #: retired: never written again (after a COMMIT with an unknown outcome, or when the
+    #: database connection was lost and an asynchronous commit may be gone with it)
+    retired: bool = False
+    #: retired and its head not yet read back from the table
     suspect: bool = False
+    #: its final head was signed: forget it
+    done: bool = False
+    #: the time of the head record (``head_at_us`` as a datetime), see ``stage``
+    head_at: datetime | None = None
 
     def stage(self, events: Sequence[AuditEvent]) -> list[Row]:
         """Hash ``events`` after the head, as rows of ``sb_audit``; the head itself moves only
@@ -75,11 +85,18 @@ class Lane:
         canonical bytes as ``record.seal``, which the tests hold it to.)"""
         out: list[Row] = []
         chain, seq, prev = self.chain, self.seq, self.head
+        floor = self.head_at
         last_at: datetime | None = None
         at_us = 0
         for ev in events:
             seq += 1
             at = ev.at
+            # Time never goes back within a chain: an event stamped when its request began may
+            # be written after a later one (a queued denial, a grouped publish). Export windows
+            # and retention cut chains by time, so a chain must be ordered by it too.
+            if floor is not None and at < floor:
+                at = floor
+            floor = at
             if at is not last_at:  # events of one transaction mostly share their time
                 at_us, last_at = to_us(at), at
             a = ev.actor
@@ -104,7 +121,8 @@ class Lane:
 
     def advance(self, staged: Sequence[Row]) -> None:
         last = staged[-1]
-        self.seq, self.head, self.head_at_us = last[1], last[16], to_us(last[2])
+        self.seq, self.head, self.head_at = last[1], last[16], last[2]
+        self.head_at_us = to_us(last[2])
 
 
 #: a staged record: the columns of ``sb_audit`` in ``COLUMNS`` order
@@ -164,6 +182,9 @@ class AuditLog:
         self.instance = instance or instance_name()
         self.checkpoint_interval = checkpoint_interval
         self._free: list[Lane] = []
+        #: chains of the lanes checked out right now
+        self._busy: set[int] = set()
+        self._checkpointing = asyncio.Lock()
         self._lanes: dict[int, Lane] = {}
         self._queue: list[AuditEvent] = []
         self._dropped = 0
@@ -185,17 +206,20 @@ class AuditLog:
                 await conn.execute(
                     Q["audit_key_register"], self.signer.key_id, self.signer.public_bytes()
                 )
-            await self.ensure_partitions(conn)
+            try:
+                await self.ensure_partitions(conn)
+            except asyncpg.PostgresError as exc:  # records then go to the default partition
+                log.warning("audit partitions not created: %s", exc.__class__.__name__)
         self._tasks = [
             asyncio.ensure_future(self._write_loop()),
             asyncio.ensure_future(self._checkpoint_loop()),
         ]
 
     async def ensure_partitions(self, conn: Any) -> None:
-        today = self.clock.now().date().replace(day=1)
-        following = date(today.year + today.month // 12, today.month % 12 + 1, 1)
-        for month in (today, following):
+        month = self.clock.now().date().replace(day=1)
+        for _ in range(3):  # this month and the next two, so a long outage still finds them
             await conn.fetchval(Q["audit_ensure_partition"], month)
+            month = date(month.year + month.month // 12, month.month % 12 + 1, 1)
 
     async def close(self) -> None:
         """Write what is queued, sign a final checkpoint, stop."""
@@ -214,26 +238,43 @@ class AuditLog:
     # -- lanes ----------------------------------------------------------------------------------
     async def checkout(self) -> Lane:
         if self._free:
-            return self._free.pop()
-        chain = int(await self.pool.fetchval(Q["audit_chain_create"], self.instance))
-        lane = Lane(chain, 0, genesis(chain), 0)
-        self._lanes[chain] = lane
+            lane = self._free.pop()
+        else:
+            chain = int(await self.pool.fetchval(Q["audit_chain_create"], self.instance))
+            lane = Lane(chain, 0, genesis(chain), 0)
+            self._lanes[chain] = lane
+        self._busy.add(lane.chain)
         return lane
 
     def checkin(self, lane: Lane, staged: Sequence[Row], outcome: Outcome) -> None:
-        if outcome == "unknown":
-            lane.suspect = True  # retired: see the module docstring
-            return
-        if outcome == "committed" and staged:
+        self._busy.discard(lane.chain)
+        if outcome == "unknown" and staged:
+            self._retire(lane)  # see the module docstring
+        elif outcome == "committed" and staged and not lane.retired:
             lane.advance(staged)
-        self._free.append(lane)
+        if not lane.retired:
+            self._free.append(lane)
+
+    def _retire(self, lane: Lane) -> None:
+        if not lane.retired:
+            lane.retired = lane.suspect = True
+
+    def connection_lost(self) -> None:
+        """The database connection failed: retire every lane. A lease commits asynchronously
+        (``synchronous_commit = off``); if the server crashed, its last records may be gone
+        although the lanes moved past them, and a new record must not link to a lost one. New
+        lanes start new chains; the retired ones' heads are read back once the server is up."""
+        for lane in self._lanes.values():
+            self._retire(lane)
+        self._free.clear()
 
     async def _settle_suspects(self) -> None:
-        """Read back the final heads of retired lanes (their COMMIT has been decided)."""
-        for lane in [x for x in self._lanes.values() if x.suspect]:
+        """Read back the final heads of retired lanes (their COMMIT has been decided). A lane
+        still in a transaction is read when that transaction is over."""
+        for lane in [x for x in self._lanes.values() if x.suspect and x.chain not in self._busy]:
             row = await self.pool.fetchrow(Q["audit_chain_head"], lane.chain)
             if row is not None:
-                lane.seq, lane.head = row["seq"], bytes(row["hash"])
+                lane.seq, lane.head, lane.head_at = row["seq"], bytes(row["hash"]), row["at"]
                 lane.head_at_us = to_us(row["at"])
             lane.suspect = False
 
@@ -260,6 +301,9 @@ class AuditLog:
                         )
                     outcome = "unknown"  # from here on a failure is in COMMIT
                 outcome = "committed"
+        except CONNECTION_ERRORS:
+            self.connection_lost()
+            raise
         finally:
             self.checkin(lane, staged, outcome)
 
@@ -267,7 +311,7 @@ class AuditLog:
         return [
             Head(chain=lane.chain, seq=lane.seq, hash=lane.head, at_us=lane.head_at_us)
             for lane in sorted(self._lanes.values(), key=lambda x: x.chain)
-            if lane.seq > 0 and not lane.suspect
+            if lane.seq > 0 and not lane.suspect and not lane.done
         ]
 
     # -- events without a transaction of their own ----------------------------------------------
@@ -319,10 +363,22 @@ class AuditLog:
             try:
                 async with self.transaction() as (_, events):
                     events.extend(batch)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.PostgresConnectionError):
+                    self._requeue(batch, dropped)
+                    raise
+                # the database refused these records (it would again): count them as not
+                # kept, in the next summary record, instead of retrying them forever
+                log.error("audit records refused by the database: %s", exc.__class__.__name__)  # noqa: TRY400
+                self._dropped += dropped + sum(1 for e in batch if e.event != "audit_suppressed")
+                return  # the summary goes out with the next batch (no busy loop meanwhile)
             except BaseException:
-                self._queue[:0] = [e for e in batch if e.event != "audit_suppressed"]
-                self._dropped += dropped
+                self._requeue(batch, dropped)
                 raise
+
+    def _requeue(self, batch: list[AuditEvent], dropped: int) -> None:
+        self._queue[:0] = [e for e in batch if e.event != "audit_suppressed"]
+        self._dropped += dropped
 
     # -- checkpoints ----------------------------------------------------------------------------
     async def _checkpoint_loop(self) -> None:
@@ -334,10 +390,13 @@ class AuditLog:
                 return
             try:
                 await self.checkpoint()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("audit checkpoint failed, will retry: %s", exc.__class__.__name__)
+            try:
                 async with self.pool.acquire() as conn:
                     await self.ensure_partitions(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("audit checkpoint failed, will retry: %s", exc.__class__.__name__)
+                log.warning("audit partitions not created: %s", exc.__class__.__name__)
 
     async def checkpoint(self, *, final: bool = False) -> Checkpoint | None:
         """Sign the heads of this process's chains, if any moved since the last signature (or
@@ -345,11 +404,27 @@ class AuditLog:
         requires one)."""
         if self.signer is None:
             return None
-        await self._settle_suspects()
-        heads = self.heads()
-        state = tuple((h.chain, h.seq) for h in heads)
-        if not heads or (state == self._signed and not final):
-            return None
+        async with self._checkpointing:  # the periodic one and an auditor's export may meet
+            await self._settle_suspects()
+            heads = self.heads()
+            state = tuple((h.chain, h.seq) for h in heads)
+            if not heads or (state == self._signed and not final):
+                return None
+            try:
+                cp = await self._sign(heads, final)
+            except asyncpg.UniqueViolationError:
+                # an earlier insert committed but its reply was lost: continue after it
+                await self._resume_numbering()
+                cp = await self._sign(heads, final)
+            self._signed = state
+            for lane in [x for x in self._lanes.values() if x.retired and not x.suspect]:
+                lane.done = True  # its final head is signed now
+                del self._lanes[lane.chain]
+            self.checkpoints_written += 1
+            return cp
+
+    async def _sign(self, heads: list[Head], final: bool) -> Checkpoint:
+        assert self.signer is not None
         now = self.clock.now()
         cp = self.signer.sign_checkpoint(
             instance=self.instance,
@@ -368,9 +443,13 @@ class AuditLog:
             cp.signature,
             cp.key_id,
         )
-        self._n, self._prev, self._signed = cp.n, cp.digest(), state
-        self.checkpoints_written += 1
+        self._n, self._prev = cp.n, cp.digest()
         return cp
+
+    async def _resume_numbering(self) -> None:
+        row = await self.pool.fetchrow(Q["audit_checkpoint_last"], self.instance)
+        if row is not None:
+            self._n, self._prev = row["n"], hashlib.sha256(bytes(row["body"])).digest()
 
     # -- reading (auditor operations) -----------------------------------------------------------
     async def trail(self, message_id: uuid.UUID, limit: int = 10_000) -> list[AuditRecord]:

@@ -23,7 +23,7 @@ from typing import Any
 from securebroker.audit import events as ae
 from securebroker.audit.bundle import Bundle, read_bundle
 from securebroker.audit.log import AuditLog, Q
-from securebroker.audit.record import Actor
+from securebroker.audit.record import Actor, to_us
 from securebroker.audit.verify import Report, verify_bundle
 from securebroker.errors import ValidationError
 
@@ -53,7 +53,10 @@ def _load(path: Path, trusted_key: bytes) -> tuple[Bundle, Report, str]:
 
 
 def _bundle_digest(records: list[Any], lo: datetime, hi: datetime) -> tuple[int, bytes]:
-    chosen = sorted((r for r in records if lo <= r.at < hi), key=lambda r: (r.chain, r.seq))
+    lo_us, hi_us = to_us(lo), to_us(hi)
+    chosen = sorted(
+        (r for r in records if lo_us <= r.at_us < hi_us), key=lambda r: (r.chain, r.seq)
+    )
     return len(chosen), hashlib.sha256(b"".join(r.hash for r in chosen)).digest()
 
 
@@ -88,18 +91,21 @@ async def prune(
             f"{first.message if first else 'unknown'}); nothing was pruned"
         )
     plan: list[PrunedMonth] = []
-    for m in doomed:
-        lo, hi = month_start(m), month_start(add_months(m, 1))
-        row = await pool.fetchrow(Q["audit_digest_between"], lo, hi)
-        assert row is not None
-        n, digest = _bundle_digest(bundle.records, lo, hi)
-        if n != row["n"] or digest != bytes(row["digest"]):
-            raise ValidationError(
-                f"the bundle holds {n} records of {m:%Y-%m} but the database holds "
-                f"{row['n']} (or different ones): export that month again; nothing was pruned"
-            )
-        plan.append(PrunedMonth(m, n))
+    # One transaction: lock each month against writers, check it against the bundle, drop it.
     async with audit.transaction() as (conn, events):
+        for m in doomed:
+            lo, hi = month_start(m), month_start(add_months(m, 1))
+            await conn.fetchval(Q["audit_lock_partition"], m)
+            row = await conn.fetchrow(Q["audit_digest_between"], lo, hi)
+            assert row is not None
+            n, digest = _bundle_digest(bundle.records, lo, hi)
+            if n != row["n"] or digest != bytes(row["digest"]):
+                raise ValidationError(
+                    f"the bundle holds {n} records of {m:%Y-%m} but the database holds "
+                    f"{row['n']} (or different ones): export that month again; "
+                    "nothing was pruned"
+                )
+            plan.append(PrunedMonth(m, n))
         for p in plan:
             await conn.fetchval(Q["audit_drop_partition"], p.month)
             await conn.execute(Q["audit_pruned_insert"], p.month, p.records, bundle_sha)

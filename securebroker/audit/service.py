@@ -71,8 +71,13 @@ class AuditService:
             after=cursor,
             limit=limit,
         )
-        if after is None:
-            self._accessed(actor, "audit.search", **{k: v for k, v in filters.items() if v})
+        # every page is an access (a first page can be asked for with any cursor)
+        self._accessed(
+            actor,
+            "audit.search",
+            page=len(records),
+            **{k: v[:256] for k, v in filters.items() if v},
+        )
         nxt = None
         if len(records) == limit:
             last = records[-1]
@@ -88,9 +93,14 @@ class AuditService:
             if not (isinstance(after, list) and len(after) == 2):
                 raise ValidationError("argument 'after' must be [chain, seq]")
             cursor = (_int(after[0], "after"), _int(after[1], "after"))
-        else:
-            self._accessed(actor, "audit.export", since=since.isoformat(), until=until.isoformat())
         records = await self.log.export_page(since, until, cursor, limit)
+        self._accessed(
+            actor,
+            "audit.export",
+            since=since.isoformat(),
+            until=until.isoformat(),
+            page=len(records),
+        )
         nxt = [records[-1].chain, records[-1].seq] if len(records) == limit else None
         return {"records": [r.to_json() for r in records], "next": nxt}
 

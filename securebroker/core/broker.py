@@ -403,11 +403,19 @@ class Broker:
         if self.envelope is not None and key_scopes:
             await self.envelope.prepare(key_scopes)
         prepared = self._prepare_all(reqs, producer, None, key_scopes, actor) if reqs else []
+        # what is settled: the inputs (not their lease tokens: a retry after a redelivery is the
+        # same settle) and each output's idempotency fingerprint
+        digest = hashlib.sha256(b"sb-settle-v1")
+        for sub, mid in sorted((a.subscription.encode(), a.message_id.bytes) for a in acks):
+            digest.update(len(sub).to_bytes(2, "big") + sub + mid)
+        for m in prepared:
+            digest.update(m.fingerprint)
         return await self.store.settle(
             acks,
             prepared,
             scope=producer,
             settle_id=settle_id,
+            fingerprint=digest.digest(),
             retention=self.settings.idempotency_retention,
             now=self._now(),
         )

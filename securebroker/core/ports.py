@@ -105,13 +105,15 @@ class Store(Protocol):
         *,
         scope: str,
         settle_id: str,
+        fingerprint: bytes,
         retention: timedelta,
         now: datetime,
     ) -> SettleOutcome:
         """Atomic settle: ack every delivery and publish every message in one transaction, or
         nothing (a stale lease raises ``StaleLease`` naming the message; a publish error
         raises as ``publish`` does). ``(scope, settle_id)`` seen within ``retention`` returns
-        the first outcome with ``duplicate=True`` and changes nothing."""
+        the first outcome with ``duplicate=True`` and changes nothing, if ``fingerprint`` (what
+        is settled) is the same; otherwise it raises ``IdempotencyConflict``."""
         ...
 
     # -- maintenance ---------------------------------------------------------------------------

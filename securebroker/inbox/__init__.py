@@ -39,6 +39,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from securebroker.client import Message, OutgoingMessage
+from securebroker.clock import from_ms, to_ms
 from securebroker.core.model import PublishResult
 from securebroker.errors import StaleLease
 from securebroker.store.sql import parse
@@ -72,6 +73,8 @@ class _Output(msgspec.Struct, frozen=True):
     idempotency_key: str | None = None
     ordering_key: str | None = None
     trace_context: dict[str, str] = {}
+    not_before_ms: int | None = None
+    expires_at_ms: int | None = None
 
 
 def _encode_outputs(outputs: Sequence[OutgoingMessage]) -> str:
@@ -85,6 +88,8 @@ def _encode_outputs(outputs: Sequence[OutgoingMessage]) -> str:
                 idempotency_key=m.idempotency_key,
                 ordering_key=m.ordering_key,
                 trace_context=dict(m.trace_context),
+                not_before_ms=None if m.not_before is None else to_ms(m.not_before),
+                expires_at_ms=None if m.expires_at is None else to_ms(m.expires_at),
             )
             for m in outputs
         ]
@@ -102,8 +107,8 @@ def _decode_outputs(text: str | None) -> list[OutgoingMessage]:
             o.content_type,
             o.idempotency_key,
             o.ordering_key,
-            None,
-            None,
+            None if o.not_before_ms is None else from_ms(o.not_before_ms),
+            None if o.expires_at_ms is None else from_ms(o.expires_at_ms),
             o.trace_context,
         )
         for o in msgspec.json.decode(text, type=list[_Output])

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any, Final, Protocol
 
 from securebroker.audit.record import Actor
-from securebroker.core.broker import Broker
+from securebroker.core.broker import Broker, check_name
 from securebroker.core.model import DeadLetter, SubscriptionInfo, TopicInfo
 from securebroker.errors import AuthorizationError, ValidationError
 from securebroker.server.auth import Action, Authorizer, Principal
@@ -174,18 +174,23 @@ class AdminService:
         if resource_arg is AUDIT_ALL:
             check(Action.AUDIT, AUDIT_RESOURCE, None)
         elif resource_arg is not None:
-            check(Action.ADMIN, _str(args, resource_arg), None)
+            check(Action.ADMIN, self._name(args, resource_arg), None)
         elif op in _LISTS:
             topic = args.get("topic")
             if isinstance(topic, str):
                 check(Action.ADMIN, topic, None)
         else:
-            name = _str(args, "name")
+            name = self._name(args, "name")
             check(Action.ADMIN, await self._topic_of(name), name)
         result = await handler(args, actor)
         if op in _LISTS:
             result = [r for r in result if self._may_admin(principal, r)]
         return result
+
+    def _name(self, args: Mapping[str, Any], key: str) -> str:
+        """A topic or subscription name argument, checked before anything is decided (or
+        recorded) about it."""
+        return check_name(f"argument {key!r}:", _str(args, key), self.broker.limits)
 
     def _may_admin(self, principal: Principal, row: Mapping[str, Any]) -> bool:
         topic = row["topic"] if "topic" in row else row["name"]

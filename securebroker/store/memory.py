@@ -79,7 +79,7 @@ class MemoryStore:
         self.messages: dict[uuid.UUID, tuple[int, PreparedMessage]] = {}
         self.rows: dict[tuple[uuid.UUID, str], _Row] = {}
         self.idem: dict[tuple[str, str, str], tuple[uuid.UUID, bytes, datetime]] = {}
-        self.settles: dict[tuple[str, str], tuple[list[PublishResult], datetime]] = {}
+        self.settles: dict[tuple[str, str], tuple[list[PublishResult], datetime, bytes]] = {}
         self._seq = itertools.count(1)
 
     # -- topics and subscriptions ------------------------------------------------------------
@@ -313,11 +313,17 @@ class MemoryStore:
         *,
         scope: str,
         settle_id: str,
+        fingerprint: bytes,
         retention: timedelta,
         now: datetime,
     ) -> SettleOutcome:
         prior = self.settles.get((scope, settle_id))
         if prior is not None and prior[1] > now - retention:
+            if prior[2] != fingerprint:
+                raise IdempotencyConflict(
+                    f"settle id {settle_id!r} was used for a different settle; nothing was "
+                    "acked or published"
+                )
             return SettleOutcome(list(prior[0]), duplicate=True)
         seen: set[tuple[uuid.UUID, str]] = set()
         for ref in acks:  # all acks must be valid before anything changes
@@ -332,7 +338,7 @@ class MemoryStore:
                 )
         published = await self.publish(messages, retention) if messages else []
         await self.ack(acks, now)
-        self.settles[(scope, settle_id)] = (list(published), now)
+        self.settles[(scope, settle_id)] = (list(published), now, fingerprint)
         return SettleOutcome(published)
 
     async def nack(

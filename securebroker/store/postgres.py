@@ -635,17 +635,37 @@ class PostgresStore:
         *,
         scope: str,
         settle_id: str,
+        fingerprint: bytes,
+        retention: timedelta,
+        now: datetime,
+    ) -> SettleOutcome:
+        try:
+            return await self._settle(acks, messages, scope, settle_id, fingerprint, retention, now)
+        except BrokerError as exc:
+            if messages:
+                self.audit_rejected(messages, exc)
+            raise
+
+    async def _settle(
+        self,
+        acks: Sequence[SettleRef],
+        messages: Sequence[PreparedMessage],
+        scope: str,
+        settle_id: str,
+        fingerprint: bytes,
         retention: timedelta,
         now: datetime,
     ) -> SettleOutcome:
         async with self._tx() as (conn, events):
-            if await conn.fetchval(Q["settle_claim"], scope, settle_id, now) is None:
+            if await conn.fetchval(Q["settle_claim"], scope, settle_id, now, fingerprint) is None:
                 # taken: by a committed settle (its results), or by one past retention
                 prior = await conn.fetchrow(Q["settle_get"], scope, settle_id)
                 assert prior is not None
                 if prior["created_at"] > now - retention and prior["results"] is not None:
+                    if bytes(prior["fingerprint"]) != fingerprint:
+                        raise _settle_conflict(settle_id)
                     return SettleOutcome(_settle_results(prior["results"]), duplicate=True)
-                await conn.execute(Q["settle_renew"], scope, settle_id, now)
+                await conn.execute(Q["settle_renew"], scope, settle_id, now, fingerprint)
             acked = await self.ack_in(conn, acks, now, events)
             for ref, err in zip(acks, acked, strict=True):
                 if err is not None:
@@ -746,6 +766,12 @@ class PostgresStore:
                 op = "dlq.purge" if dead else "subscription.purge"
                 _per_message(events, Event.PURGED, rows, _at(now), actor, sub, op)
         return len(rows)
+
+
+def _settle_conflict(settle_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"settle id {settle_id!r} was used for a different settle; nothing was acked or published"
+    )
 
 
 def _settle_results(stored: Any) -> list[PublishResult]:

@@ -130,3 +130,28 @@ async def test_settle_input_is_checked(broker: Broker) -> None:
     [d] = await take(broker, "orders.work")
     with pytest.raises(ValidationError, match="settle_id"):
         await broker.settle([ref(d)], [], settle_id="", producer="p")
+
+
+async def test_a_settle_id_reused_for_another_settle_conflicts(broker: Broker) -> None:
+    await setup(broker)
+    await broker.publish(PublishRequest("orders", b"o1"))
+    await broker.publish(PublishRequest("orders", b"o2"))
+    d1, d2 = await take(broker, "orders.work", 2)
+    await broker.settle(
+        [ref(d1)], [PublishRequest("results", b"r1")], settle_id="b-7", producer="p"
+    )
+    with pytest.raises(IdempotencyConflict, match="different settle"):
+        await broker.settle(
+            [ref(d2)], [PublishRequest("results", b"r2")], settle_id="b-7", producer="p"
+        )
+    # nothing of the second happened: d2 is still ours, no second output
+    await broker.ack(ref(d2))
+    assert len(await broker.receive("results.work", 10, consumer="c")) == 1
+    # the same inputs with other outputs are another settle too
+    await broker.publish(PublishRequest("orders", b"o3"))
+    [d3] = await take(broker, "orders.work")
+    await broker.settle([ref(d3)], [PublishRequest("results", b"x")], settle_id="b-8", producer="p")
+    with pytest.raises(IdempotencyConflict):
+        await broker.settle(
+            [ref(d3)], [PublishRequest("results", b"y")], settle_id="b-8", producer="p"
+        )

@@ -282,3 +282,51 @@ async def test_records_carry_the_producers_trace_id(native: NativeHarness) -> No
     trail = {r.event: r.trace_id for r in await native.audit.trail(published.message_id)}
     assert trail["published"] == trace_id
     assert trail["delivered"] == trace_id
+
+
+async def test_every_page_of_an_audit_read_is_itself_recorded(native: NativeHarness) -> None:
+    await follow_one_message(native)
+    admin = await native.connect(ADMIN)
+    # a first page asked for with an explicit cursor is still an access
+    await admin.admin("audit.export", after=[0, 0])
+    await admin.admin("audit.search", after=["1970-01-01T00:00:00+00:00", 0, 0])
+    assert native.audit is not None
+    await native.audit.flush()
+    async with native.store.pool.acquire() as conn:
+        ops = await conn.fetch(
+            "SELECT detail::jsonb->>'operation' AS op, actor_cert FROM sb_audit "
+            "WHERE event = 'audit_access' ORDER BY chain, seq"
+        )
+    assert sorted(r["op"] for r in ops) == ["audit.export", "audit.search"]
+    assert {r["actor_cert"] for r in ops} == {ADMIN_PRINCIPAL}
+
+
+async def test_concurrent_checkpoints_do_not_collide(native: NativeHarness) -> None:
+    await follow_one_message(native)
+    assert native.audit is not None
+    signed = await asyncio.gather(*(native.audit.checkpoint() for _ in range(3)))
+    assert sum(cp is not None for cp in signed) == 1  # one signs; the others find it done
+    await follow_one_message_again(native)
+    assert await native.audit.checkpoint() is not None  # and numbering carries on
+
+
+async def follow_one_message_again(h: NativeHarness) -> None:
+    client = await h.connect(CLIENT)
+    await client.publish("payments.orders", b"more")
+
+
+async def test_a_bad_name_in_an_admin_request_is_refused_before_it_is_recorded(
+    native: NativeHarness,
+) -> None:
+    admin = await native.connect(ADMIN)
+    from securebroker.errors import ValidationError  # noqa: PLC0415
+
+    with pytest.raises(ValidationError, match="is invalid"):
+        await admin.admin("topic.create", name="x\x00y")
+    # the writer is not stuck: later events are written
+    await make_queue(native, "orders", "s")
+    assert native.audit is not None
+    await native.audit.flush()
+    async with native.store.pool.acquire() as conn:
+        n = await conn.fetchval("SELECT count(*) FROM sb_audit WHERE event = 'admin'")
+    assert n >= 2

@@ -149,3 +149,23 @@ async def test_each_service_takes_effect_once(
         await sub.close()
     assert await entries(ledger_db) == {"p-4": 2}  # one per service, by design
     assert await ledger_db.fetchval("SELECT count(*) FROM sb_inbox") == 2
+
+
+async def test_stored_outputs_replay_exactly() -> None:
+    """What a redelivery publishes is what the first run asked for, delay and expiry included."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from securebroker.inbox import _decode_outputs, _encode_outputs  # noqa: PLC0415
+
+    out = OutgoingMessage(
+        "payments.completed",
+        b"\x00\xffbytes",
+        {"k": "v"},
+        "application/json",
+        "key-1",
+        "order-9",
+        datetime(2026, 12, 1, 12, 0, 0, 123000, tzinfo=UTC),
+        datetime(2026, 12, 2, tzinfo=UTC),
+        {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"},
+    )
+    assert _decode_outputs(_encode_outputs([out])) == [out]

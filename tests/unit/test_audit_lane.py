@@ -97,3 +97,37 @@ def test_the_head_moves_only_after_a_commit() -> None:
     log.checkin(lane, lane.stage(events(2)), "unknown")
     assert lane.suspect and lane not in log._free
     assert log.heads() == []  # not signed until its head is read back
+
+
+def test_time_never_goes_back_within_a_chain() -> None:
+    """A queued event stamped before the last record is written with the last record's time:
+    export windows cut chains by time, so a chain is ordered by it."""
+    lane = Lane(3, 0, genesis(3), 0)
+    first = lane.stage(events(3))
+    lane.advance(first)
+    late = ae.security(Event.AUTHENTICATION_FAILED, T0 - timedelta(seconds=5), ACTOR, "stale")
+    [row] = lane.stage([late])
+    at = COLUMNS.index("at")
+    assert row[at] == first[-1][at]  # moved up to the head's time, not before it
+    rec = as_record(row)
+    assert recompute(rec) == rec.hash  # and hashed with the time it is stored with
+
+
+def test_a_lost_connection_retires_every_lane() -> None:
+    log = AuditLog(pool=None, signer=None)  # type: ignore[arg-type]
+    lanes = [Lane(c, 2, genesis(c), 0) for c in (1, 2)]
+    for lane in lanes:
+        log._lanes[lane.chain] = lane
+    log._free.append(lanes[0])
+    log._busy.add(2)  # lane 2 is in a transaction right now
+    log.connection_lost()
+    assert log._free == [] and all(x.retired and x.suspect for x in lanes)
+    log.checkin(lanes[1], lanes[1].stage(events(1)), "committed")
+    assert lanes[1].seq == 2  # a retired lane does not move, and is not handed out again
+    assert log._free == []
+
+
+def test_security_events_store_safe_text() -> None:
+    ev = ae.security(Event.AUTHORIZATION_DENIED, T0, ACTOR, "r" * 5000, topic="a\x00b" * 200)
+    assert ev.topic is not None and "\x00" not in ev.topic and len(ev.topic) <= 255
+    assert len(str(ev.detail["reason"])) == 512

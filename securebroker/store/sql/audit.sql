@@ -20,6 +20,9 @@ SELECT key_id, public_key FROM sb_audit_keys ORDER BY created_at, key_id;
 INSERT INTO sb_audit_checkpoints (instance, n, at, body, signature, key_id)
 VALUES ($1, $2, $3, $4, $5, $6);
 
+-- name: audit_checkpoint_last
+SELECT n, body FROM sb_audit_checkpoints WHERE instance = $1 ORDER BY n DESC LIMIT 1;
+
 -- name: audit_checkpoints
 -- Checkpoints signed in [since, until), in signing order.
 SELECT instance, n, body, signature, key_id FROM sb_audit_checkpoints
@@ -67,6 +70,9 @@ ORDER BY 1;
 SELECT count(*) AS n,
        sha256(coalesce(string_agg(hash, ''::bytea ORDER BY chain, seq), ''::bytea)) AS digest
 FROM sb_audit WHERE at >= $1 AND at < $2;
+
+-- name: audit_lock_partition
+SELECT sb_audit_lock_partition($1::date);
 
 -- name: audit_drop_partition
 SELECT sb_audit_drop_partition($1::date);

@@ -272,16 +272,18 @@ DELETE FROM sb_settles WHERE ctid IN (
 -- name: settle_claim
 -- Taken first, so a concurrent retry of the same settle waits here for the first attempt and
 -- then sees its outcome, instead of racing it for the deliveries.
-INSERT INTO sb_settles (producer_scope, settle_id, created_at) VALUES ($1, $2, $3)
+INSERT INTO sb_settles (producer_scope, settle_id, created_at, fingerprint)
+VALUES ($1, $2, $3, $4)
 ON CONFLICT DO NOTHING
 RETURNING settle_id;
 
 -- name: settle_get
-SELECT results, created_at FROM sb_settles WHERE producer_scope = $1 AND settle_id = $2;
+SELECT results, created_at, fingerprint FROM sb_settles
+WHERE producer_scope = $1 AND settle_id = $2;
 
 -- name: settle_renew
 -- A settle id older than the retention period is free again.
-UPDATE sb_settles SET created_at = $3, results = NULL
+UPDATE sb_settles SET created_at = $3, results = NULL, fingerprint = $4
 WHERE producer_scope = $1 AND settle_id = $2;
 
 -- name: settle_done
