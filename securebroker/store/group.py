@@ -26,14 +26,11 @@ import asyncpg
 
 from securebroker.core.model import PreparedMessage, PublishResult, SettleRef
 from securebroker.errors import BrokerError, Unavailable
-from securebroker.store.postgres import PostgresStore, create_pools
+from securebroker.store.postgres import DB_ERRORS, PostgresStore, create_pools
 
 log = logging.getLogger("securebroker.groupcommit")
 
 R = TypeVar("R")
-
-#: Failures that come from the database or the connection to it (outcome possibly unknown).
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass

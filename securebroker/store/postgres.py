@@ -53,6 +53,9 @@ from securebroker.errors import (
 from securebroker.store.memory import STALE
 from securebroker.store.sql import QUERIES as Q
 
+#: Failures that come from the database or the connection to it (outcome possibly unknown).
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 #: how long a name -> id lookup is trusted before it is read again (other broker processes
 #: may delete and recreate topics and subscriptions).
 NAME_TTL = 5.0
@@ -500,6 +503,23 @@ class PostgresStore:
         now: datetime,
         *,
         actor: Actor | None = None,
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` deliveries. A lost database connection (a restart, a
+        failover) is ``Unavailable``: retryable, so consumers keep polling until it is back. (A
+        lease is safe to retry: one whose commit was lost only expires.)"""
+        try:
+            return await self._lease(subscription, max_count, lease_for, consumer, now, actor)
+        except DB_ERRORS as exc:
+            raise Unavailable(f"database error: {exc.__class__.__name__}") from exc
+
+    async def _lease(
+        self,
+        subscription: str,
+        max_count: int,
+        lease_for: timedelta | None,
+        consumer: str,
+        now: datetime,
+        actor: Actor | None,
     ) -> list[Delivery]:
         pool = self.lease_pool or self.pool
         if self.audit is None:
