@@ -1201,6 +1201,8 @@ def audit_export(
         ) as bundle:
             for cp in signed["checkpoints"]:
                 bundle.checkpoint(Checkpoint.from_json(cp))
+            for chain, seq, head in signed.get("anchors", []):
+                bundle.anchor(chain, seq, bytes.fromhex(head))
             after = None
             while True:
                 page = await c.admin("audit.export", since=start, until=end, after=after)

@@ -88,6 +88,9 @@ class Bundle:
     header: BundleHeader
     records: list[AuditRecord] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    #: chain -> (seq, hash) of its last record before the window (``since``): where the
+    #: bundle's part of the chain must continue from
+    anchors: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     #: (line number, problem) for each line that could not be used; never fatal
     malformed: list[tuple[int, str]] = field(default_factory=list)
 
@@ -177,6 +180,11 @@ class BundleWriter:
     def checkpoint(self, cp: Checkpoint) -> None:
         self._line({"type": "checkpoint", **cp.to_json()})
         self.checkpoints += 1
+
+    def anchor(self, chain: int, seq: int, hash_: bytes) -> None:
+        """The last record of ``chain`` before the window: the window's first record of that
+        chain must link to it (a deleted start of the window is then caught)."""
+        self._line({"type": "anchor", "chain": chain, "seq": seq, "hash": hash_.hex()})
 
     def close(self) -> None:
         """Finish the file, fsync it and rename it into place."""
@@ -310,6 +318,20 @@ def _read_line(bundle: Bundle, line_no: int, line: bytes) -> None:
             bundle.checkpoints.append(Checkpoint.from_json(doc))
         except CheckpointFormatError as exc:
             bad(str(exc))
+    elif kind == "anchor":
+        chain, seq, h = doc.get("chain"), doc.get("seq"), doc.get("hash")
+        if type(chain) is not int or type(seq) is not int or not isinstance(h, str):
+            bad("anchor: chain, seq and hash are required")
+            return
+        try:
+            raw = bytes.fromhex(h)
+        except ValueError:
+            bad("anchor: hash is not hex")
+            return
+        if not 0 <= chain <= MAX_CHAIN or seq < 1 or len(raw) != 32:
+            bad(f"anchor: chain {chain} seq {seq} is out of range")
+            return
+        bundle.anchors[chain] = (seq, raw)
     elif kind == "header":
         bad("a second header line")
     else:

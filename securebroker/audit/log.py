@@ -485,6 +485,12 @@ class AuditLog:
             Checkpoint.parse(bytes(r["body"]), bytes(r["signature"]), r["key_id"]) for r in rows
         ]
 
+    async def anchors(self, since: datetime, until: datetime) -> list[tuple[int, int, bytes]]:
+        """(chain, seq, hash) of each chain's last record before ``since``, for chains with
+        records in the window."""
+        rows = await self.pool.fetch(Q["audit_anchors"], since, until)
+        return [(r["chain"], r["seq"], bytes(r["hash"])) for r in rows]
+
     async def horizon(self) -> datetime | None:
         """Where the kept log starts: after the newest month pruned by retention, if any."""
         month = await self.pool.fetchval(Q["audit_horizon"])

@@ -124,9 +124,12 @@ class AuditService:
         since, until = await self._kept_range(args)
         cps = await self.log.checkpoints(since, until)
         keys = await self.log.public_keys()
+        anchors = [] if since == EPOCH else await self.log.anchors(since, until)
         return {
             # the range actually covered, for the bundle header (None: from the beginning)
             "since": None if since == EPOCH else since.isoformat(),
+            # where each chain continues from (its last record before the window)
+            "anchors": [[c, s, h.hex()] for c, s, h in anchors],
             "until": until.isoformat(),
             "checkpoints": [c.to_json() for c in cps],
             "public_keys": [{"key_id": k, "public_key": pk.hex()} for k, pk in keys],

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -225,7 +225,9 @@ def verify_bundle(bundle: Bundle, trusted_keys: Sequence[bytes] | None = None) -
         for line, msg in bundle.malformed
     )
 
-    chains = _check_records(bundle.records, header.since is None, problems, warnings)
+    chains = _check_records(
+        bundle.records, header.since is None, problems, warnings, bundle.anchors
+    )
     valid, verified_by = _check_signatures(
         bundle.checkpoints, header.public_keys, trusted_keys, problems, warnings
     )
@@ -244,6 +246,7 @@ def verify_bundle(bundle: Bundle, trusted_keys: Sequence[bytes] | None = None) -
             header.since,
             problems,
             warnings,
+            anchored=chain in bundle.anchors,
         )
 
     if not bundle.checkpoints:
@@ -285,9 +288,11 @@ def _check_records(
     from_start: bool,
     problems: list[Problem],
     warnings: list[str],
+    anchors: Mapping[int, tuple[int, bytes]] | None = None,
 ) -> dict[int, dict[int, AuditRecord]]:
-    """Checks 1 and 2: each record's own hash, then each chain's sequence and links. Returns one
-    representative record per (chain, seq) for the checkpoint checks."""
+    """Checks 1 and 2: each record's own hash, then each chain's sequence and links (from the
+    export's anchor, when the window starts mid-chain). Returns one representative record per
+    (chain, seq) for the checkpoint checks."""
     by_chain: dict[int, dict[int, list[AuditRecord]]] = defaultdict(lambda: defaultdict(list))
     altered: set[int] = set()  # id() of records whose hash does not match their contents
     for r in records:
@@ -347,6 +352,28 @@ def _check_records(
                     f"trail) but chain {chain} starts at seq {lo}",
                 )
             )
+        elif anchors and chain in anchors:
+            a_seq, a_hash = anchors[chain]
+            if lo > a_seq + 1:
+                problems.append(
+                    Problem(
+                        chain,
+                        a_seq + 1,
+                        "missing",
+                        f"{_range(a_seq + 1, lo - 1)} missing from the start of the window: "
+                        f"the last record before it is seq {a_seq}",
+                    )
+                )
+            elif lo == a_seq + 1 and rep[lo].prev_hash != a_hash:
+                problems.append(
+                    Problem(
+                        chain,
+                        lo,
+                        "broken_link",
+                        f"record {lo} links to {_h(rep[lo].prev_hash)} but the last record "
+                        f"before the window (seq {a_seq}) hashes to {_h(a_hash)}",
+                    )
+                )
         for before, seq in itertools.pairwise(seqs):
             if seq > before + 1:
                 problems.append(
@@ -483,8 +510,11 @@ def _check_heads(
     since: datetime | None,
     problems: list[Problem],
     warnings: list[str],
+    *,
+    anchored: bool = False,
 ) -> None:
-    """Check 4 and the warnings of check 5 for one chain."""
+    """Check 4 and the warnings of check 5 for one chain (``anchored``: the export gave the
+    record before the window, which check 2 linked to)."""
     lo = min(rep) if rep else None
     hi = max(rep) if rep else None
 
@@ -552,7 +582,7 @@ def _check_heads(
         _check_mismatches(chain, lo, ordered, claimed, problems)
 
     # warnings: the chain's start, and records no checkpoint vouches for
-    if rep and lo is not None and lo > 1 and since is not None:
+    if rep and lo is not None and lo > 1 and since is not None and not anchored:
         anchored = any(c.head.seq == lo - 1 and claimed(lo - 1) == c.head.hash for c in ordered)
         if not anchored:
             warnings.append(

@@ -214,3 +214,41 @@ async def test_a_rehashed_forgery_without_the_signing_key_is_caught(
     code, report = await export_and_verify(h, tmp_path)
     assert code == 1
     assert first_problem(report) == ("checkpoint_mismatch", chain, first_head + 1)
+
+
+async def test_a_window_that_lost_its_first_records_is_caught(
+    logged: Logged, tmp_path: Path
+) -> None:
+    """An export from a time on (``--since``) starts mid-chain; the record before the window
+    anchors it, so deleting the window's first records is caught, not just warned about."""
+    h = logged.h
+    h.clock.advance(3600)
+    since = h.clock.now()
+    h.clock.advance(1)
+    await traffic(h, 6)
+    await signed(h)
+    async with h.store.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT chain, min(seq) AS first FROM sb_audit WHERE at >= $1 AND chain IN "
+            "(SELECT chain FROM sb_audit WHERE at < $1) GROUP BY chain ORDER BY 1 LIMIT 1",
+            since,
+        )
+    assert row is not None
+    chain, first = row["chain"], row["first"]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    code, report = await export_and_verify(h, clean, "--since", since.isoformat())
+    assert code == 0, report
+    assert not any("mid-chain" in w for w in report["warnings"])  # type: ignore[union-attr]
+    await tamper(
+        logged.dsn,
+        (
+            "DELETE FROM sb_audit WHERE chain = $1 AND seq IN ($2::bigint, $2::bigint + 1)",
+            (chain, first),
+        ),
+    )
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    code, report = await export_and_verify(h, cut, "--since", since.isoformat())
+    assert code == 1, (chain, first, report)
+    assert first_problem(report) == ("missing", chain, first)

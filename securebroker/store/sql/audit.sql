@@ -83,3 +83,15 @@ INSERT INTO sb_audit_pruned (month, records, bundle_sha256) VALUES ($1, $2, $3);
 -- name: audit_horizon
 -- The start of what is still kept: the month after the newest pruned one (NULL: all of it).
 SELECT (max(month) + interval '1 month')::date FROM sb_audit_pruned;
+
+-- name: audit_anchors
+-- For each chain, its last record before $1 (chains are ordered by time: Lane.stage), where an
+-- export starting at $1 must continue from. Only chains with records in [$1, $2).
+SELECT c.id AS chain, h.seq, h.hash
+FROM sb_audit_chains c
+CROSS JOIN LATERAL (
+    SELECT a.seq, a.hash FROM sb_audit a
+    WHERE a.chain = c.id AND a.at < $1
+    ORDER BY a.seq DESC LIMIT 1
+) h
+WHERE EXISTS (SELECT 1 FROM sb_audit w WHERE w.chain = c.id AND w.at >= $1 AND w.at < $2);
