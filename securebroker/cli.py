@@ -1304,6 +1304,11 @@ from securebroker.bench.command import bench as bench_command  # noqa: E402
 
 main.add_command(bench_command)
 
+# -- fault injection (the payment flow under crashes; docs/guarantees.md) -----------------------
+from securebroker.faults.command import faults as faults_group  # noqa: E402
+
+main.add_command(faults_group)
+
 # -- producer outbox (the producer's database; the relay is a broker client) --------------------
 from securebroker.outbox.cli import build as build_outbox_group  # noqa: E402
 

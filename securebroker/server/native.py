@@ -950,6 +950,16 @@ class Connection:
                 )
         return f.Settled(results=out)
 
+    def _consumer_ended(self, cid: int, task: asyncio.Task[None]) -> None:
+        """A consumer task that ended by an unexpected error must not stall silently: log it
+        and tell the client (its SDK raises from the subscription), so it can subscribe again."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("consumer %d of %s failed", cid, self.session, exc_info=exc)
+        self.consumers.pop(cid, None)
+        rid = self.subscribe_request.get(cid, 0)
+        self.send(_error_frame(Unavailable("consumer stopped by an internal error")), rid)
+
     async def _subscribe(self, frame: f.Subscribe, rid: int) -> None:
         try:
             info = await self.server.broker.get_subscription(frame.subscription)
@@ -966,6 +976,7 @@ class Connection:
         self.subscribe_request[cid] = rid
         self.send(f.Subscribed(consumer=cid), rid)
         consumer.task = asyncio.ensure_future(consumer.run())
+        consumer.task.add_done_callback(functools.partial(self._consumer_ended, cid))
 
 
 def settings_max_credit(conn: Connection) -> int:

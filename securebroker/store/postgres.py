@@ -54,7 +54,13 @@ from securebroker.store.memory import STALE
 from securebroker.store.sql import QUERIES as Q
 
 #: Failures that come from the database or the connection to it (outcome possibly unknown).
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: ``InternalClientError``: asyncpg's state error when a connection the server cut is reused.
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 #: how long a name -> id lookup is trusted before it is read again (other broker processes
 #: may delete and recreate topics and subscriptions).
@@ -665,6 +671,9 @@ class PostgresStore:
             if messages:
                 self.audit_rejected(messages, exc)
             raise
+        except DB_ERRORS as exc:
+            # the outcome may be unknown: retrying with the same settle id is safe
+            raise Unavailable(f"database error: {exc.__class__.__name__}") from exc
 
     async def _settle(
         self,
