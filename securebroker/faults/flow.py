@@ -49,7 +49,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import LiteralString
 
 import asyncpg
 
@@ -61,6 +63,7 @@ from securebroker.inbox import Conn, Handler, Inbox
 from securebroker.inbox import install as install_inbox
 from securebroker.outbox import OutboxRelay, enqueue
 from securebroker.outbox import install as install_outbox
+from securebroker.store.sql import parse
 from securebroker.tls import client_context
 
 log = logging.getLogger("securebroker.faults.flow")
@@ -93,32 +96,10 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-ORDERS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fault_orders (
-    order_id      text PRIMARY KEY,
-    amount_cents  bigint NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-PAYMENTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fault_ledger_debits (
-    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    order_id      text NOT NULL,     -- deliberately not unique: a double debit must show
-    amount_cents  bigint NOT NULL,
-    message_id    uuid NOT NULL,
-    debited_at    timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-LEDGER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fault_completions (
-    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    order_id      text NOT NULL,     -- deliberately not unique: a double completion must show
-    message_id    uuid NOT NULL,
-    completed_at  timestamptz NOT NULL DEFAULT now()
-);
-"""
+#: the flow's SQL, parsed once (``flow.sql``)
+Q: dict[str, LiteralString] = parse(
+    resources.files(__package__).joinpath("flow.sql").read_text(encoding="utf-8")
+)
 
 
 def emit(kind: str, *fields: object) -> None:
@@ -149,11 +130,11 @@ async def install_schemas(orders_dsn: str, payments_dsn: str, ledger_dsn: str) -
 
     conn = await asyncpg.connect(orders_dsn)
     try:
-        await conn.execute(ORDERS_SCHEMA)
+        await conn.execute(Q["orders_schema"])
         await install_outbox(conn)
     finally:
         await conn.close()
-    for dsn, schema in ((payments_dsn, PAYMENTS_SCHEMA), (ledger_dsn, LEDGER_SCHEMA)):
+    for dsn, schema in ((payments_dsn, Q["payments_schema"]), (ledger_dsn, Q["ledger_schema"])):
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(schema)
@@ -226,11 +207,7 @@ class OrderService:
         self.stats.attempted += 1
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "INSERT INTO fault_orders (order_id, amount_cents) VALUES ($1, $2)",
-                    order_id,
-                    amount,
-                )
+                await conn.execute(Q["order_insert"], order_id, amount)
                 await enqueue(
                     conn,
                     REQUESTED,
@@ -285,7 +262,7 @@ class FlowDatabases:
     ledger: str
 
 
-async def _column(dsn: str, query: str, *args: object) -> list[str]:
+async def _column(dsn: str, query: LiteralString, *args: object) -> list[str]:
     conn = await asyncpg.connect(dsn)
     try:
         return [r[0] for r in await conn.fetch(query, *args)]
@@ -297,14 +274,7 @@ async def held_by_broker(broker_dsn: str, subscription: str) -> tuple[list[str],
     """Order ids of the deliveries a subscription still holds: (live, dead-lettered)."""
     conn = await asyncpg.connect(broker_dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT m.attributes ->> 'order_id' AS order_id, d.state"
-            " FROM sb_deliveries d"
-            " JOIN sb_subscriptions s ON s.id = d.subscription_id"
-            " JOIN sb_messages m ON m.id = d.message_id"
-            " WHERE s.name = $1",
-            subscription,
-        )
+        rows = await conn.fetch(Q["held_by_broker"], subscription)
     finally:
         await conn.close()
     live = [r["order_id"] or "?" for r in rows if r["state"] != 2]
@@ -314,22 +284,8 @@ async def held_by_broker(broker_dsn: str, subscription: str) -> tuple[list[str],
 
 #: per effect table: one row per inbox row with redeliveries, with its order id
 _REDELIVERIES = {
-    "fault_ledger_debits": """
-        SELECT coalesce(
-                   (SELECT e.order_id FROM fault_ledger_debits e
-                    WHERE e.message_id = i.message_id LIMIT 1),
-                   i.message_id::text) AS order_id,
-               i.redeliveries
-        FROM sb_inbox i WHERE i.consumer = $1 AND i.redeliveries > 0
-    """,
-    "fault_completions": """
-        SELECT coalesce(
-                   (SELECT e.order_id FROM fault_completions e
-                    WHERE e.message_id = i.message_id LIMIT 1),
-                   i.message_id::text) AS order_id,
-               i.redeliveries
-        FROM sb_inbox i WHERE i.consumer = $1 AND i.redeliveries > 0
-    """,
+    "fault_ledger_debits": Q["redeliveries_debits"],
+    "fault_completions": Q["redeliveries_completions"],
 }
 
 
@@ -348,7 +304,7 @@ async def recorded_redeliveries(dsn: str, inbox: str, effects: str) -> list[str]
 
 async def unsent_outbox(orders_dsn: str) -> list[str]:
     """Keys (order ids) of outbox rows the relay has not yet had confirmed."""
-    return await _column(orders_dsn, "SELECT key FROM sb_outbox WHERE sent_at IS NULL")
+    return await _column(orders_dsn, Q["unsent_outbox"])
 
 
 @dataclass(frozen=True)
@@ -359,7 +315,7 @@ class Collected:
 
 async def collect(dbs: FlowDatabases) -> Collected:
     """What every party's own database says, for the checker."""
-    confirmed = await _column(dbs.orders, "SELECT order_id FROM fault_orders")
+    confirmed = await _column(dbs.orders, Q["confirmed_orders"])
     outbox = await unsent_outbox(dbs.orders)
     requested_live, requested_dead = await held_by_broker(dbs.broker, PAYMENT_SUBSCRIPTION)
     completed_live, completed_dead = await held_by_broker(dbs.broker, LEDGER_SUBSCRIPTION)
@@ -367,7 +323,7 @@ async def collect(dbs: FlowDatabases) -> Collected:
     stages = [
         StageObservation(
             DEBIT_STAGE,
-            effects=await _column(dbs.payments, "SELECT order_id FROM fault_ledger_debits"),
+            effects=await _column(dbs.payments, Q["debit_orders"]),
             redeliveries=await recorded_redeliveries(
                 dbs.payments, "payment", "fault_ledger_debits"
             ),
@@ -375,7 +331,7 @@ async def collect(dbs: FlowDatabases) -> Collected:
         ),
         StageObservation(
             COMPLETION_STAGE,
-            effects=await _column(dbs.ledger, "SELECT order_id FROM fault_completions"),
+            effects=await _column(dbs.ledger, Q["completion_orders"]),
             redeliveries=await recorded_redeliveries(dbs.ledger, "ledger", "fault_completions"),
             held=debit_held | {*completed_live, *completed_dead},
         ),
@@ -388,8 +344,8 @@ async def completed_count(
 ) -> tuple[int, int]:
     """(orders confirmed, orders with a completion), on connections to the orders and the
     ledger databases: the harness's drain condition."""
-    confirmed: int = await orders.fetchval("SELECT count(*) FROM fault_orders")
-    done: int = await ledger.fetchval("SELECT count(DISTINCT order_id) FROM fault_completions")
+    confirmed: int = await orders.fetchval(Q["count_orders"])
+    done: int = await ledger.fetchval(Q["count_completed"])
     return confirmed, done
 
 
@@ -489,7 +445,7 @@ async def debit(conn: Conn, message: Message) -> list[OutgoingMessage] | None:
     order = json.loads(message.payload)
     emit("handled", order["order_id"])
     await conn.execute(
-        "INSERT INTO fault_ledger_debits (order_id, amount_cents, message_id) VALUES ($1, $2, $3)",
+        Q["debit_insert"],
         order["order_id"],
         order["amount_cents"],
         message.id,
@@ -510,7 +466,7 @@ async def complete(conn: Conn, message: Message) -> list[OutgoingMessage] | None
     done = json.loads(message.payload)
     emit("handled", done["order_id"])
     await conn.execute(
-        "INSERT INTO fault_completions (order_id, message_id) VALUES ($1, $2)",
+        Q["completion_insert"],
         done["order_id"],
         message.id,
     )

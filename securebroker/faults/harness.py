@@ -801,11 +801,7 @@ class FaultHarness:
         try:
             conn = await asyncpg.connect(self.dbs.broker)
             try:
-                rows = await conn.fetch(
-                    "SELECT s.name, d.state, count(*) AS n FROM sb_deliveries d"
-                    " JOIN sb_subscriptions s ON s.id = d.subscription_id"
-                    " GROUP BY s.name, d.state ORDER BY 1, 2"
-                )
+                rows = await conn.fetch(flow.Q["deliveries_by_state"])
             finally:
                 await conn.close()
             unsent = len(await flow.unsent_outbox(self.dbs.orders))
