@@ -136,9 +136,11 @@ class Inbox:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         """``name`` identifies the consuming service: its rows are its own, so two services
-        consuming the same message each take effect once. Keep rows (``retention``) longer
-        than a message can be redelivered (the subscription's attempts times backoff, plus the
-        dead-letter redrive window)."""
+        consuming the same message each take effect once. Use one name per subscription: the
+        settle id is derived from the subscription, so one inbox fed by two subscriptions of a
+        topic would take effect once but publish its outputs once per subscription. Keep rows
+        (``retention``) longer than a message can be redelivered (the subscription's attempts
+        times backoff, plus the dead-letter redrive window)."""
         if not name or len(name) > 255:
             raise ValueError("an inbox name is 1 to 255 characters")
         self.pool = pool
