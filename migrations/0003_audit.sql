@@ -76,30 +76,24 @@ BEGIN
 END
 $$;
 
--- Block writers to the partition of ``month_start`` until the transaction ends (prune checks
--- the month against an export and drops it in one transaction). False if absent.
-CREATE FUNCTION sb_audit_lock_partition(month_start date) RETURNS boolean LANGUAGE plpgsql AS $$
+-- Retention (``securebroker audit prune``) on the partition of ``month_start``: step 'lock'
+-- blocks its writers until the transaction ends (prune checks the month against a verified
+-- export first), step 'drop' drops it. False if the partition does not exist.
+CREATE FUNCTION sb_audit_prune_partition(month_start date, step text) RETURNS boolean
+LANGUAGE plpgsql AS $$
 DECLARE
     part text := format('sb_audit_p%s', to_char(date_trunc('month', month_start), 'YYYYMM'));
 BEGIN
     IF to_regclass(part) IS NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format('LOCK TABLE %I IN SHARE MODE', part);
-    RETURN true;
-END
-$$;
-
--- Drop the partition of month ``month_start`` (retention: ``securebroker audit prune``, which
--- first checks that a verified export holds every record of the month). False if absent.
-CREATE FUNCTION sb_audit_drop_partition(month_start date) RETURNS boolean LANGUAGE plpgsql AS $$
-DECLARE
-    part text := format('sb_audit_p%s', to_char(date_trunc('month', month_start), 'YYYYMM'));
-BEGIN
-    IF to_regclass(part) IS NULL THEN
-        RETURN false;
+    IF step = 'lock' THEN
+        EXECUTE format('LOCK TABLE %I IN SHARE MODE', part);
+    ELSIF step = 'drop' THEN
+        EXECUTE format('DROP TABLE %I', part);
+    ELSE
+        RAISE EXCEPTION 'unknown partition step %', step;
     END IF;
-    EXECUTE format('DROP TABLE %I', part);
     RETURN true;
 END
 $$;

@@ -100,20 +100,21 @@ class Lane:
             if at is not last_at:  # events of one transaction mostly share their time
                 at_us, last_at = to_us(at), at
             a = ev.actor
-            detail = ev.detail
+            # encoded once: the stored column, and (as raw JSON) inside the hashed bytes
+            detail = _json(ev.detail) if ev.detail else b"{}"
             h = chain_hash(
                 prev,
                 canonical(
                     chain, seq, at_us, ev.event, ev.outcome, a.certificate, a.subject,
                     a.address, a.protocol, ev.topic, ev.subscription, ev.message_id, ev.key_id,
-                    ev.trace_id, detail,
+                    ev.trace_id, msgspec.Raw(detail),
                 ),
             )  # fmt: skip
             out.append(
                 (
                     chain, seq, at, ev.event, ev.outcome, a.certificate, a.subject, a.address,
                     a.protocol, ev.topic, ev.subscription, ev.message_id, ev.key_id, ev.trace_id,
-                    _json(detail).decode() if detail else None, prev, h,
+                    detail.decode() if ev.detail else None, prev, h,
                 )
             )  # fmt: skip
             prev = h
@@ -156,14 +157,12 @@ def record_of(row: asyncpg.Record) -> AuditRecord:
     )
 
 
-def _detail(value: Any) -> dict[str, Any]:
-    """A record's ``detail`` as read: a dict with the store's jsonb codec, else JSON text."""
+def _detail(value: str | None) -> dict[str, Any]:
+    """A record's ``detail`` as stored: canonical JSON text, or NULL for none."""
     if value is None:
         return {}
-    if isinstance(value, str):
-        decoded: dict[str, Any] = msgspec.json.decode(value)
-        return decoded
-    return dict(value)
+    decoded: dict[str, Any] = msgspec.json.decode(value)
+    return decoded
 
 
 class AuditLog:

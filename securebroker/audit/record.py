@@ -209,8 +209,10 @@ def canonical(
     message_id: str | None,
     key_id: str | None,
     trace_id: str | None,
-    detail: Mapping[str, Scalar],
+    detail: Mapping[str, Scalar] | msgspec.Raw,
 ) -> bytes:
+    """The hashed bytes. ``detail`` may be given already encoded (``msgspec.Raw`` of the same
+    sorted-key JSON), so the writer encodes it once for both the hash and the column."""
     return _encode(
         [
             FORMAT,

@@ -47,7 +47,7 @@ class Store(Protocol):
     async def get_topic(self, name: str) -> TopicInfo: ...
     async def list_topics(self) -> list[TopicInfo]: ...
     async def delete_topic(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None: ...
 
     async def create_subscription(
@@ -62,7 +62,7 @@ class Store(Protocol):
     async def get_subscription(self, name: str, now: datetime) -> SubscriptionInfo: ...
     async def list_subscriptions(self, topic: str | None) -> list[SubscriptionInfo]: ...
     async def delete_subscription(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None: ...
 
     # -- the message path --------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Store(Protocol):
         subscription: str,
         *,
         dead: bool,
-        now: datetime | None = None,
+        now: datetime,
         actor: Actor | None = None,
     ) -> int: ...
 

@@ -102,13 +102,13 @@ class MemoryStore:
         return [await self.get_topic(n) for n in sorted(self.topics)]
 
     async def delete_topic(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None:
         info = await self.get_topic(name)
         if info.subscriptions and not force:
             raise NotEmpty(f"topic {name!r} has subscriptions; delete them or use force")
         for s in info.subscriptions:
-            await self.delete_subscription(s, force=True)
+            await self.delete_subscription(s, force=True, now=now)
         for mid in [m for m, (_, pm) in self.messages.items() if pm.topic == name]:
             del self.messages[mid]
         for k in [k for k in self.idem if k[0] == name]:
@@ -164,7 +164,7 @@ class MemoryStore:
         ]
 
     async def delete_subscription(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None:
         self._sub(name)
         mine = [k for k, r in self.rows.items() if r.subscription == name]
@@ -487,7 +487,7 @@ class MemoryStore:
         subscription: str,
         *,
         dead: bool,
-        now: datetime | None = None,
+        now: datetime,
         actor: Actor | None = None,
     ) -> int:
         self._sub(subscription)

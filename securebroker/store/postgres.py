@@ -255,7 +255,7 @@ class PostgresStore:
         return [TopicInfo(r["name"], r["created_at"], tuple(r["subs"])) for r in rows]
 
     async def delete_topic(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None:
         async with self._tx() as (conn, events):
             row = await conn.fetchrow(Q["topic_get"], name)
@@ -277,7 +277,7 @@ class PostgresStore:
                     "force": force,
                     "subscriptions": ",".join(row["subs"]),
                 }
-                events.append(ae.admin(_at(now), actor, "topic.delete", topic=name, detail=detail))
+                events.append(ae.admin(now, actor, "topic.delete", topic=name, detail=detail))
         self._topics.pop(name, None)
 
     async def create_subscription(
@@ -331,7 +331,7 @@ class PostgresStore:
         return [SubscriptionInfo(s.name, s.topic, s.settings, s.created_at) for s in subs]
 
     async def delete_subscription(
-        self, name: str, *, force: bool, now: datetime | None = None, actor: Actor | None = None
+        self, name: str, *, force: bool, now: datetime, actor: Actor | None = None
     ) -> None:
         async with self._tx() as (conn, events):
             row = await conn.fetchrow(Q["sub_get"], name)
@@ -345,7 +345,7 @@ class PostgresStore:
             if events is not None:
                 events.append(
                     ae.admin(
-                        _at(now),
+                        now,
                         actor,
                         "subscription.delete",
                         topic=row["topic"],
@@ -528,20 +528,13 @@ class PostgresStore:
         actor: Actor | None,
     ) -> list[Delivery]:
         pool = self.lease_pool or self.pool
-        if self.audit is None:
+        args = (subscription, max_count, lease_for, consumer, now)
+        if self.audit is None:  # one statement, no explicit transaction
             async with pool.acquire() as conn:
-                sub = await self._sub(conn, subscription)
-                until = now + (lease_for or sub.settings.lease)
-                rows = await conn.fetch(
-                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
-                )
-        else:
+                until, rows = await self._lease_rows(conn, *args)
+        else:  # the lease and its "delivered" records commit together
             async with self._tx(pool) as (conn, events):
-                sub = await self._sub(conn, subscription)
-                until = now + (lease_for or sub.settings.lease)
-                rows = await conn.fetch(
-                    Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
-                )
+                until, rows = await self._lease_rows(conn, *args)
                 assert events is not None
                 _delivered(events, rows, now, actor, subscription)
         return [
@@ -563,6 +556,22 @@ class PostgresStore:
             )
             for r in rows
         ]
+
+    async def _lease_rows(
+        self,
+        conn: Conn,
+        subscription: str,
+        max_count: int,
+        lease_for: timedelta | None,
+        consumer: str,
+        now: datetime,
+    ) -> tuple[datetime, list[asyncpg.Record]]:
+        sub = await self._sub(conn, subscription)
+        until = now + (lease_for or sub.settings.lease)
+        rows = await conn.fetch(
+            Q["lease"], sub.id, now, sub.settings.max_attempts, max_count, until, consumer
+        )
+        return until, rows
 
     async def _resolve_refs(
         self, conn: Conn, refs: Sequence[SettleRef | NackRef]
@@ -666,7 +675,36 @@ class PostgresStore:
         now: datetime,
     ) -> SettleOutcome:
         try:
-            return await self._settle(acks, messages, scope, settle_id, fingerprint, retention, now)
+            async with self._tx() as (conn, events):
+                if (
+                    await conn.fetchval(Q["settle_claim"], scope, settle_id, now, fingerprint)
+                    is None
+                ):
+                    # taken: by a committed settle (its results), or by one past retention
+                    prior = await conn.fetchrow(Q["settle_get"], scope, settle_id)
+                    assert prior is not None
+                    if prior["created_at"] > now - retention and prior["results"] is not None:
+                        if bytes(prior["fingerprint"]) != fingerprint:
+                            raise _settle_conflict(settle_id)
+                        return SettleOutcome(_settle_results(prior["results"]), duplicate=True)
+                    await conn.execute(Q["settle_renew"], scope, settle_id, now, fingerprint)
+                acked = await self.ack_in(conn, acks, now, events)
+                for ref, err in zip(acks, acked, strict=True):
+                    if err is not None:
+                        raise type(err)(
+                            f"settle {settle_id!r}: {err.message} (message {ref.message_id} on "
+                            f"{ref.subscription}); nothing was acked or published"
+                        )
+                published = (
+                    await self.publish_in(conn, messages, retention, events) if messages else []
+                )
+                await conn.execute(
+                    Q["settle_done"],
+                    scope,
+                    settle_id,
+                    [[str(r.message_id), r.duplicate] for r in published],
+                )
+            return SettleOutcome(published)
         except BrokerError as exc:
             if messages:
                 self.audit_rejected(messages, exc)
@@ -674,42 +712,6 @@ class PostgresStore:
         except DB_ERRORS as exc:
             # the outcome may be unknown: retrying with the same settle id is safe
             raise Unavailable(f"database error: {exc.__class__.__name__}") from exc
-
-    async def _settle(
-        self,
-        acks: Sequence[SettleRef],
-        messages: Sequence[PreparedMessage],
-        scope: str,
-        settle_id: str,
-        fingerprint: bytes,
-        retention: timedelta,
-        now: datetime,
-    ) -> SettleOutcome:
-        async with self._tx() as (conn, events):
-            if await conn.fetchval(Q["settle_claim"], scope, settle_id, now, fingerprint) is None:
-                # taken: by a committed settle (its results), or by one past retention
-                prior = await conn.fetchrow(Q["settle_get"], scope, settle_id)
-                assert prior is not None
-                if prior["created_at"] > now - retention and prior["results"] is not None:
-                    if bytes(prior["fingerprint"]) != fingerprint:
-                        raise _settle_conflict(settle_id)
-                    return SettleOutcome(_settle_results(prior["results"]), duplicate=True)
-                await conn.execute(Q["settle_renew"], scope, settle_id, now, fingerprint)
-            acked = await self.ack_in(conn, acks, now, events)
-            for ref, err in zip(acks, acked, strict=True):
-                if err is not None:
-                    raise type(err)(
-                        f"settle {settle_id!r}: {err.message} (message {ref.message_id} on "
-                        f"{ref.subscription}); nothing was acked or published"
-                    )
-            published = await self.publish_in(conn, messages, retention, events) if messages else []
-            await conn.execute(
-                Q["settle_done"],
-                scope,
-                settle_id,
-                [[str(r.message_id), r.duplicate] for r in published],
-            )
-        return SettleOutcome(published)
 
     async def extend(self, ref: SettleRef, lease_for: timedelta, now: datetime) -> datetime:
         async with self.pool.acquire() as conn:
@@ -783,7 +785,7 @@ class PostgresStore:
         subscription: str,
         *,
         dead: bool,
-        now: datetime | None = None,
+        now: datetime,
         actor: Actor | None = None,
     ) -> int:
         async with self._tx() as (conn, events):
@@ -793,7 +795,7 @@ class PostgresStore:
                 await conn.execute(Q["orphans_delete"], [r["message_id"] for r in rows])
             if events is not None:
                 op = "dlq.purge" if dead else "subscription.purge"
-                _per_message(events, Event.PURGED, rows, _at(now), actor, sub, op)
+                _per_message(events, Event.PURGED, rows, now, actor, sub, op)
         return len(rows)
 
 
@@ -805,12 +807,6 @@ def _settle_conflict(settle_id: str) -> IdempotencyConflict:
 
 def _settle_results(stored: Any) -> list[PublishResult]:
     return [PublishResult(uuid.UUID(mid), bool(dup)) for mid, dup in stored]
-
-
-def _at(now: datetime | None) -> datetime:
-    from securebroker.clock import SystemClock  # noqa: PLC0415
-
-    return now if now is not None else SystemClock().now()
 
 
 def _delivered(

@@ -72,10 +72,10 @@ SELECT count(*) AS n,
 FROM sb_audit WHERE at >= $1 AND at < $2;
 
 -- name: audit_lock_partition
-SELECT sb_audit_lock_partition($1::date);
+SELECT sb_audit_prune_partition($1::date, 'lock');
 
 -- name: audit_drop_partition
-SELECT sb_audit_drop_partition($1::date);
+SELECT sb_audit_prune_partition($1::date, 'drop');
 
 -- name: audit_pruned_insert
 INSERT INTO sb_audit_pruned (month, records, bundle_sha256) VALUES ($1, $2, $3);
