@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import signal
@@ -112,6 +113,16 @@ def main() -> None:
 
 
 # -- running the broker -----------------------------------------------------------------------
+def _tune_gc() -> None:
+    """Broker processes only. Everything loaded at startup (modules, config, policies, pools) is
+    moved out of the collector's sight, and young collections run every 20,000 allocations
+    instead of every 700: on the publish path the collector took 4% of the broker's CPU
+    re-scanning short-lived frames and futures. Reference cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def _serve_until_signal(
     config: Config, fingerprint_key: bytes, banner: Callable[[int], str] | None
 ) -> None:
@@ -119,6 +130,7 @@ async def _serve_until_signal(
 
     app = BrokerApp(config, fingerprint_key=fingerprint_key)
     running = await app.start()
+    _tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

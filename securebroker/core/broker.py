@@ -92,24 +92,33 @@ def check_name(kind: str, name: str, limits: CoreLimits) -> str:
     return name
 
 
-def fingerprint(key: bytes, req: PublishRequest) -> bytes:
+def fingerprint(key: bytes | hashlib.blake2b, req: PublishRequest) -> bytes:
     """Keyed digest of what makes two publishes "the same message" for idempotency.
 
     Keyed (BLAKE2b in its MAC mode) rather than a bare hash, so the stored fingerprint cannot be
     used to confirm guesses of low-entropy payloads such as card numbers from a database dump.
     Fields are length-prefixed so no two different messages share an encoding.
+
+    ``key`` is the key itself or ``fingerprint_mac(key)``: a keyed MAC whose key block is
+    already absorbed, copied per message (the broker's hot path; same digest either way).
     """
-    mac = hashlib.blake2b(key=key[:64], digest_size=32, person=b"sb-idem-v1")
-    for part in (
-        req.content_type.encode(),
-        (req.ordering_key or "").encode(),
-        *(f"{k}\x00{v}".encode() for k, v in sorted(req.attributes.items())),
-    ):
-        mac.update(len(part).to_bytes(4, "big"))
-        mac.update(part)
-    mac.update(len(req.payload).to_bytes(8, "big"))
+    mac = fingerprint_mac(key) if isinstance(key, bytes) else key.copy()
+    ct = req.content_type.encode()
+    ok = (req.ordering_key or "").encode()
+    parts = [len(ct).to_bytes(4, "big"), ct, len(ok).to_bytes(4, "big"), ok]
+    if req.attributes:
+        for k, v in sorted(req.attributes.items()):
+            attr = f"{k}\x00{v}".encode()
+            parts += (len(attr).to_bytes(4, "big"), attr)
+    parts.append(len(req.payload).to_bytes(8, "big"))
+    mac.update(b"".join(parts))
     mac.update(req.payload)
     return mac.digest()
+
+
+def fingerprint_mac(key: bytes) -> hashlib.blake2b:
+    """The keyed BLAKE2b state ``fingerprint`` starts from."""
+    return hashlib.blake2b(key=key[:64], digest_size=32, person=b"sb-idem-v1")
 
 
 class Broker:
@@ -132,6 +141,7 @@ class Broker:
         self.clock = clock or SystemClock()
         self.retry = ExponentialBackoff(rng)
         self._fp_key = fingerprint_key
+        self._fp_mac = fingerprint_mac(fingerprint_key)
         self.envelope = envelope
 
     @property
@@ -327,7 +337,7 @@ class Broker:
             trace_context=dict(req.trace_context),
             producer=producer,
             producer_scope=producer if scope is None else scope,
-            fingerprint=fingerprint(self._fp_key, req),
+            fingerprint=fingerprint(self._fp_mac, req),
             published_at=now,
             actor=actor,
         )

@@ -1,6 +1,10 @@
 """The broker's vocabulary: topics, subscriptions, messages, deliveries (DESIGN §2).
 
-Plain frozen dataclasses with no behaviour, shared by the core, every store and every front door.
+Plain dataclasses with no behaviour, shared by the core, every store and every front door. Treat
+them as immutable. The per-message ones (publish requests, prepared messages, results,
+deliveries, settle references) are not ``frozen``: a frozen dataclass's ``__init__`` sets each
+field through ``object.__setattr__``, which cost ~4 µs per 15-field object on the hot path
+against 0.3 µs for a plain slotted one; they stay hashable (``unsafe_hash``).
 Times are timezone-aware UTC datetimes; ids are UUIDs.
 """
 
@@ -65,7 +69,7 @@ class SubscriptionInfo:
     counts: SubscriptionCounts | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PublishRequest:
     """What a producer asks the broker to accept, as every front door hands it to the core."""
 
@@ -80,7 +84,7 @@ class PublishRequest:
     trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PreparedMessage:
     """A validated publish with everything the store needs: id, fingerprint, scope, time."""
 
@@ -102,13 +106,13 @@ class PreparedMessage:
     actor: Actor | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PublishResult:
     message_id: uuid.UUID
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Delivery:
     """One leased message handed to a consumer."""
 
@@ -131,7 +135,7 @@ class Delivery:
     payload_error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SettleRef:
     """Names one leased delivery: the fencing token must still own it."""
 
@@ -142,7 +146,7 @@ class SettleRef:
     actor: Actor | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class NackRef:
     subscription: str
     message_id: uuid.UUID

@@ -495,6 +495,8 @@ class Connection:
         #: the pending read's timeout while ``run`` waits for input (see ``begin_close``)
         self._read_timeout: asyncio.Timeout | None = None
         self.closed = asyncio.Event()
+        #: looked up once (``get_running_loop`` is a ``getpid`` system call each time)
+        self._loop = asyncio.get_running_loop()
 
     @property
     def principal_name(self) -> str:
@@ -507,7 +509,7 @@ class Connection:
         self._out.append(codec.encode(frame, request_id))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -89,6 +89,13 @@ async def _init_connection(conn: Conn) -> None:
 LEASE_SETTINGS = {"synchronous_commit": "off", "enable_bitmapscan": "off"}
 
 
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to undo. The store never changes session state (no SET, LISTEN,
+    cursors or session advisory locks; migrations use their own connection), and asyncpg still
+    rolls back a transaction left open before calling this. asyncpg's default reset is one more
+    round trip to PostgreSQL for every transaction."""
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -102,6 +109,7 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_no_session_state,
             server_settings={
                 "timezone": "UTC",
                 "synchronous_commit": "on",
