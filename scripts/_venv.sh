@@ -20,3 +20,9 @@ if ! command -v softhsm2-util >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc
     || echo "warning: could not install softhsm2; the PKCS#11 keyring tests will fail" >&2
   unset -f apt_softhsm
 fi
+# The benchmark's Node drivers (bench/peers: securebroker.mjs is tested against a real broker in
+# tests/integration/test_bench_node_driver.py): pinned npm packages, installed when missing.
+if command -v npm >/dev/null 2>&1 && [ ! -d bench/peers/node_modules/msgpackr ]; then
+  (cd bench/peers && npm ci --silent --no-audit --no-fund >/dev/null 2>&1) \
+    || echo "warning: npm ci in bench/peers failed; the Node driver tests will be skipped" >&2
+fi

@@ -1,4 +1,4 @@
-// What the Node peer drivers (rabbitmq.mjs, nats.mjs) share: config parsing, latency samples,
+// What the Node drivers (rabbitmq.mjs, nats.mjs, securebroker.mjs) share: config parsing, latency samples,
 // the paced publish loop, the worker-process protocol and the parent's orchestration of a run.
 // A driver supplies only what is specific to its broker, as a `peer` object passed to
 // driverMain (see the fields documented there).
@@ -67,6 +67,12 @@ export function cpuMeter() {
     const wall = now() - t0;
     return wall > 0 ? (c.user + c.system) / 1000 / wall : 0;
   };
+}
+
+// CPU seconds (user + system) this process has used since it started.
+export function cpuTotal() {
+  const c = process.cpuUsage();
+  return (c.user + c.system) / 1e6;
 }
 
 export function split(total, parts) {
@@ -249,10 +255,11 @@ async function workerMain(peer) {
       clearInterval(prog);
       const cpuFrac = cpu();
       for (const c of consumers) await c.stop();
-      const out = { type: 'done', role: 'consumer', cpu: cpuFrac, delivered: 0, acked: 0, first: 0, last: 0, lat: [] };
+      const out = { type: 'done', role: 'consumer', cpu: cpuFrac, cpu_s: cpuTotal(), delivered: 0, acked: 0, errors: 0, first: 0, last: 0, lat: [] };
       for (const c of consumers) {
         out.delivered += c.st.delivered;
         out.acked += c.st.acked;
+        out.errors += c.st.errors || 0;
         if (c.st.first) out.first = out.first ? Math.min(out.first, c.st.first) : c.st.first;
         out.last = Math.max(out.last, c.st.last);
         if (c.st.lat) out.lat.push(c.st.lat.view());
@@ -267,7 +274,7 @@ async function workerMain(peer) {
       const res = await Promise.all(
         spec.pubs.map((p, i) => peer.publisher(spec, links[i], p, g.deadline, spec.measure_confirm)),
       );
-      const out = { type: 'done', role: 'publisher', cpu: cpu(), published: 0, confirmed: 0, nacked: 0, start: Infinity, end: 0, lat: [], errors: [] };
+      const out = { type: 'done', role: 'publisher', cpu: cpu(), cpu_s: cpuTotal(), published: 0, confirmed: 0, nacked: 0, start: Infinity, end: 0, lat: [], errors: [] };
       for (const r of res) {
         out.published += r.published;
         out.confirmed += r.confirmed;
@@ -392,6 +399,7 @@ async function run(peer, cfg, result, kids) {
     if (base.measure_confirm) result.confirm_latency_ms = percentiles(pubRes.flatMap((r) => r.lat));
     log(`publish phase: ${result.confirmed} confirmed in ${((pubEnd - pubStart) / 1000).toFixed(2)} s`);
 
+    let conRes = [];
     if (conW.length) {
       if (W === 'W5') {
         consumeStart = now();
@@ -407,7 +415,7 @@ async function run(peer, cfg, result, kids) {
         );
       }
       for (const w of conW) w.child.send({ type: 'stop' });
-      const conRes = await withTimeout(Promise.all(conW.map((w) => w.done)), 20000, 'consumers');
+      conRes = await withTimeout(Promise.all(conW.map((w) => w.done)), 20000, 'consumers');
       result.delivered = conRes.reduce((s, r) => s + r.delivered, 0);
       result.acked = conRes.reduce((s, r) => s + r.acked, 0);
       const last = Math.max(...conRes.map((r) => r.last));
@@ -452,6 +460,7 @@ async function run(peer, cfg, result, kids) {
         `${cfg.total_consumers} consumer connection(s) in ${conW.length} proc(s), inflight ${cfg.inflight}/publisher` +
         (pubRate ? `, offered ${cfg.rate} msg/s` : ''),
     );
+    if (peer.summarize) peer.summarize(result, { cfg, pubRes, conRes });
     result.duration_s = (now() - t0) / 1000;
   } finally {
     for (const w of kids) if (w.child.exitCode === null) w.child.kill('SIGTERM');
@@ -536,6 +545,8 @@ async function main(peer) {
 //   consumerTargets(topo)                the queues / durables consumers are spread over
 //   openPublisher(spec), publisher(spec, link, p, deadline, measure), startConsumer(spec, q, measure)
 //   texts         { nacked, errors, client }: wording of the notes on failed publishes and client
+//   summarize(result, {cfg, pubRes, conRes})   optional: extra result fields from the workers'
+//                 `done` messages (counts, `errors`, `cpu_s` = each process's CPU seconds)
 export function driverMain(peer) {
   return process.argv[2] === '--worker' ? workerMain(peer) : main(peer);
 }

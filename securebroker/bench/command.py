@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from securebroker.bench.runner import TARGETS, WORKLOADS, run_all
+from securebroker.bench.runner import SB_CLIENTS, TARGETS, WORKLOADS, run_all
 
 
 @click.command("bench")
@@ -55,8 +55,24 @@ from securebroker.bench.runner import TARGETS, WORKLOADS, run_all
     help="securebroker writing its hash-chained audit trail (on) or none (off): the two runs "
     "give the cost of auditing",
 )
+@click.option(
+    "--sb-client",
+    type=click.Choice(SB_CLIENTS),
+    default="node",
+    show_default=True,
+    help="securebroker's load generator: the Node driver of the native protocol "
+    "(bench/peers/securebroker.mjs, as light as the peers' Node clients) or the Python SDK "
+    "driver (more client CPU on the same cores, so lower numbers)",
+)
 def bench(
-    quick: bool, targets: str, workloads: str, out: Path, auth: str, encryption: str, audit: str
+    quick: bool,
+    targets: str,
+    workloads: str,
+    out: Path,
+    auth: str,
+    encryption: str,
+    audit: str,
+    sb_client: str,
 ) -> None:
     """Run the benchmark workloads against securebroker and its peers on this machine."""
     chosen_targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -75,6 +91,7 @@ def bench(
         auth=auth,
         encryption=encryption,
         audit=audit,
+        sb_client=sb_client,
     )
     click.echo(path.with_suffix(".md").read_text())
     click.echo(f"results: {path}")

@@ -41,6 +41,9 @@ PEERS_DIR = ROOT / "bench" / "peers"
 
 WORKLOADS = ("W1", "W2", "W3", "W3r", "W4", "W5")
 TARGETS = ("securebroker", "rabbitmq-classic", "rabbitmq-quorum", "nats-jetstream", "pgqueuer")
+#: securebroker's load generators: the Node driver (bench/peers/securebroker.mjs, as light as the
+#: peers' Node drivers) or the Python SDK driver (securebroker/bench/sbdriver.py)
+SB_CLIENTS = ("node", "python")
 
 
 def plan(quick: bool) -> dict[str, dict[str, Any]]:
@@ -216,7 +219,9 @@ async def _db_size(dsn: str) -> int:
         await conn.close()
 
 
-def run_securebroker(sb: SecureBrokerUnderTest, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def run_securebroker(
+    sb: SecureBrokerUnderTest, name: str, spec: dict[str, Any], client: str = "node"
+) -> dict[str, Any]:
     topic = f"bench.{name.lower()}.{int(time.time() * 1000)}"
     nsubs = spec.get("subscriptions", 1)
     subs = [f"{topic}.s{i}" for i in range(nsubs)]
@@ -235,15 +240,56 @@ def run_securebroker(sb: SecureBrokerUnderTest, name: str, spec: dict[str, Any])
     before = asyncio.run(_db_size(sb.dsn)) if spec["workload"] == "W5" else 0
     broker_cpu = CpuMeter((sb.proc.pid,))
     pg_cpu = CpuMeter((sb.postmaster_pid,), include_children=True)
+    if client == "node" and (problem := _node_ready("msgpackr")):
+        return {"peer": "securebroker", "workload": spec["workload"], "error": problem}
     broker_cpu.start()
     pg_cpu.start()
-    result = sbdriver.run(full)
+    if client == "node":
+        out = _run_driver(["node", str(PEERS_DIR / "securebroker.mjs")], _node_spec(full))
+        if isinstance(out, str):
+            return {"peer": "securebroker", "workload": spec["workload"], "error": out}
+        result = out | {"peer": "securebroker"}
+    else:
+        result = sbdriver.run(full)
     _cpu(result, {"broker": broker_cpu.stop(), "postgres": pg_cpu.stop()})
+    result["client"] = client
+    if result.get("error"):
+        return result
     if spec["workload"] == "W5" and result["confirmed"]:
         # Measured after the drain: settled rows are deleted but the space is not returned
         # until vacuum, so this is the high-water mark per message, not steady state.
         after = asyncio.run(_db_size(sb.dsn))
         result["disk_bytes_per_message"] = round((after - before) / result["confirmed"])
+    return result
+
+
+def _node_spec(full: dict[str, Any]) -> dict[str, Any]:
+    """The Python driver's spec in the Node drivers' contract (bench/peers/README.md)."""
+    keys = ["workload", "url", "size", "messages", "duration_s", "publishers", "consumers"]
+    keys += ["inflight", "rate"]
+    out = {k: full[k] for k in keys if k in full}
+    out["subscriptions"] = len(full["subscriptions_names"])
+    out["options"] = {
+        "tls": full["tls"],
+        "topic": full["topic"],
+        "subscriptions_names": full["subscriptions_names"],
+    }
+    return out
+
+
+def _run_driver(cmd: list[str], spec: dict[str, Any]) -> dict[str, Any] | str:
+    """Run one driver process: its result line, or why there is none."""
+    try:
+        out = subprocess.run(  # noqa: S603 - our own drivers
+            [*cmd, json.dumps(spec)], capture_output=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    lines = out.stdout.decode().strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return f"driver failed: {out.stderr.decode()[-500:]}"
     return result
 
 
@@ -274,19 +320,10 @@ def run_peer(target: str, spec: dict[str, Any], pg_admin_uri: str | None) -> dic
         postmaster = [p for p in pids_named("postgres") if _is_embedded_postmaster(p)]
         meter = CpuMeter(tuple(postmaster), include_children=True)
     meter.start()
-    try:
-        out = subprocess.run(  # noqa: S603 - our own drivers
-            [*cmd, json.dumps(base)], capture_output=True, timeout=600, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"peer": target, "workload": spec["workload"], "error": str(exc)}
+    result = _run_driver(cmd, base)
     seconds = meter.stop()
-    lines = out.stdout.decode().strip().splitlines()
-    try:
-        result: dict[str, Any] = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        err = out.stderr.decode()[-500:]
-        return {"peer": target, "workload": spec["workload"], "error": f"driver failed: {err}"}
+    if isinstance(result, str):
+        return {"peer": target, "workload": spec["workload"], "error": result}
     key = "broker" if target != "pgqueuer" else "postgres"
     _cpu(result, {key: seconds})
     result["peer"] = target
@@ -315,12 +352,22 @@ def _peer_ready(target: str) -> str | None:
                 else "nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
             )
             return f"not listening on 127.0.0.1:{port}; start it with `{hint}`"
-    if not (PEERS_DIR / "node_modules").exists():
+    return _node_ready("amqplib" if port == 5672 else "nats")
+
+
+def _node_ready(package: str) -> str | None:
+    """None when node and the drivers' npm packages are there (installed with ``npm ci`` when
+    ``package`` is missing), else what is wrong."""
+    if not shutil.which("node"):
+        return "node is not installed (for securebroker, `--sb-client python` needs no node)"
+    if not (PEERS_DIR / "node_modules" / package).exists():
         subprocess.run(  # noqa: S603
             ["npm", "ci", "--silent", "--prefix", str(PEERS_DIR)],  # noqa: S607
             check=False,
             capture_output=True,
         )
+        if not (PEERS_DIR / "node_modules" / package).exists():
+            return f"npm package {package} missing: run `npm ci` in {PEERS_DIR}"
     return None
 
 
@@ -329,7 +376,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Run {meta['started']} on {meta['machine']} ({meta['mode']} mode), "
         f"command `{meta['command']}`; securebroker ACLs {meta.get('securebroker_auth', 'on')}, "
         f"encryption at rest {meta.get('securebroker_encryption', 'on')}, "
-        f"audit trail {meta.get('securebroker_audit', 'on')}.",
+        f"audit trail {meta.get('securebroker_audit', 'on')}, "
+        f"load generator: the {meta.get('securebroker_client', 'python')} driver.",
         "",
         "| workload | target | publish msg/s | consume msg/s | confirm p50/p99/p99.9 ms "
         "| e2e p50/p99/p99.9 ms | CPU µs/msg | errors |",
@@ -365,6 +413,7 @@ def run_all(
     auth: str = "on",
     encryption: str = "on",
     audit: str = "on",
+    sb_client: str = "node",
 ) -> Path:
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -373,6 +422,7 @@ def run_all(
         "securebroker_auth": auth,
         "securebroker_encryption": encryption,
         "securebroker_audit": audit,
+        "securebroker_client": sb_client,
         "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
     }
     params = plan(quick)
@@ -389,7 +439,7 @@ def run_all(
                 print(f"[bench] {wl} on {target} ...", file=sys.stderr, flush=True)
                 if target == "securebroker":
                     assert sb is not None
-                    r = run_securebroker(sb, wl, spec)
+                    r = run_securebroker(sb, wl, spec, sb_client)
                 else:
                     problem = _peer_ready(target)
                     if problem:
