@@ -444,8 +444,10 @@ async function startConsumer(spec, subscription, measure) {
 
 // ---------------------------------------------------------------- the run
 
-// The Python driver's credit: max(inflight, 1); at most 10,000 (protocol.md §7).
-const creditOf = (cfg) => Math.min(10000, Math.max(1, Number(cfg.credit ?? cfg.inflight)));
+// Credit per consumer: the same number of unacked messages the peers' consumers may hold
+// (`prefetch`, 256 by default: RabbitMQ basic.qos, the NATS pull batch), unless `credit` says
+// otherwise; at most 10,000 (protocol.md §7).
+const creditOf = (cfg) => Math.min(10000, Math.max(1, Number(cfg.credit ?? cfg.prefetch)));
 
 function describe(topo, cfg, result) {
   const W = cfg.workload;

@@ -20,7 +20,8 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from securebroker.audit import events as ae
-from securebroker.audit.log import AuditLog
+from securebroker.audit.log import CONNECTION_ERRORS, AuditLog, Row
+from securebroker.audit.log import Outcome as TxOutcome
 from securebroker.audit.record import BROKER, Actor, AuditEvent, Event, Outcome
 from securebroker.core.model import (
     CleanupResult,
@@ -507,6 +508,99 @@ class PostgresStore:
                 )
         return out
 
+    async def publish_group(
+        self, messages: Sequence[PreparedMessage]
+    ) -> list[PublishResult] | None:
+        """Publish fresh messages, with their audit records, in ONE statement (its own
+        transaction; migration 0005). ``None`` when the group is not for this path (a key
+        repeated in the group, or already claimed: nothing was kept) and must go the general
+        way (``publish_in``). Same rows, same audit records, one round trip instead of five."""
+        async with self.pool.acquire() as conn:
+            topic_ids = [await self._topic_id(conn, m.topic) for m in messages]
+            keys: set[tuple[int, str, str]] = set()
+            locks: set[int] = set()
+            for tid, m in zip(topic_ids, messages, strict=True):
+                if m.idempotency_key is not None:
+                    k = (tid, m.producer_scope, m.idempotency_key)
+                    if k in keys:
+                        return None
+                    keys.add(k)
+                if m.ordering_key is not None:
+                    locks.add(ordering_lock_key(tid, m.ordering_key))
+            args: list[Any] = [
+                [m.id for m in messages],
+                topic_ids,
+                [m.payload for m in messages],
+                [m.attributes or None for m in messages],
+                [m.content_type for m in messages],
+                [m.idempotency_key for m in messages],
+                [m.ordering_key for m in messages],
+                [m.producer for m in messages],
+                [m.not_before for m in messages],
+                [m.expires_at for m in messages],
+                [m.trace_context or None for m in messages],
+                [m.published_at for m in messages],
+                [m.producer_scope for m in messages],
+                [m.fingerprint for m in messages],
+                sorted(locks) if locks else None,
+            ]
+            events = (
+                []
+                if self.audit is None
+                else [
+                    ae.message_event(
+                        Event.PUBLISHED,
+                        m.published_at,
+                        m.actor,
+                        m.topic,
+                        m.id,
+                        trace_context=m.trace_context,
+                    )
+                    for m in messages
+                ]
+            )
+            if not await self._one_statement(conn, Q["publish_group"], args, events, CLAIMED):
+                return None
+        return [PublishResult(m.id) for m in messages]
+
+    async def _one_statement(
+        self,
+        conn: Conn,
+        query: str,
+        args: Sequence[Any],
+        events: Sequence[AuditEvent],
+        refused: str,
+    ) -> bool:
+        """Run a group's statement (its own transaction) with the audit records of ``events``
+        chained on a lane; False when the server refused it with SQLSTATE ``refused``, in
+        which case nothing was kept."""
+        audit = self.audit
+        if audit is None:
+            try:
+                await conn.fetchval(query, *args, *_NO_AUDIT)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == refused:
+                    return False
+                raise
+            return True
+        lane = await audit.checkout()
+        staged = lane.stage(events)
+        outcome: TxOutcome = "unknown"  # once sent, the statement may have committed
+        try:
+            await conn.fetchval(query, *args, *_audit_args(staged))
+            outcome = "committed"
+        except CONNECTION_ERRORS:
+            audit.connection_lost()
+            raise
+        except asyncpg.PostgresError as exc:
+            outcome = "rolled_back"  # the server refused the statement: nothing was kept
+            if exc.sqlstate == refused:
+                return False
+            raise
+        finally:
+            audit.checkin(lane, staged, outcome)
+        return True
+
     # -- consume -------------------------------------------------------------------------------
     async def lease(
         self,
@@ -601,6 +695,40 @@ class PostgresStore:
     async def ack(self, refs: Sequence[SettleRef], now: datetime) -> list[BrokerError | None]:
         async with self._tx() as (conn, events):
             return await self.ack_in(conn, refs, now, events)
+
+    async def ack_group(
+        self, refs: Sequence[SettleRef], now: datetime
+    ) -> list[BrokerError | None] | None:
+        """Acks, with their audit records, in ONE statement (migration 0005); ``None`` when the
+        group is not for this path (an unknown subscription, a repeated or stale ack: nothing
+        was kept) and must go the general way (``ack_in``)."""
+        async with self.pool.acquire() as conn:
+            results, todo = await self._resolve_refs(conn, refs)
+            if len(todo) != len(refs):
+                return None
+            events = (
+                []
+                if self.audit is None
+                else [
+                    ae.message_event(
+                        Event.ACKED,
+                        now,
+                        ref.actor,
+                        sub.topic,
+                        ref.message_id,
+                        subscription=sub.name,
+                    )
+                    for ref, (_, sub) in zip(refs, todo, strict=True)
+                ]
+            )
+            args = (
+                [r.message_id for r in refs],
+                [sub.id for _, sub in todo],
+                [r.lease_token for r in refs],
+            )
+            if not await self._one_statement(conn, Q["ack_group"], args, events, STALE_IN_GROUP):
+                return None
+        return results
 
     async def ack_in(
         self,
@@ -978,3 +1106,45 @@ def _conflict(m: PreparedMessage) -> IdempotencyConflict:
 def _count(status: str) -> int:
     """Rows affected, from a command tag such as ``DELETE 42``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+#: ``sb_publish_group`` raises this when an idempotency key of the group is already claimed
+CLAIMED = "SB001"
+#: ``sb_ack_group`` raises this when an ack of the group no longer holds its lease
+STALE_IN_GROUP = "SB002"
+#: the audit arguments of ``sb_publish_group`` and ``sb_ack_group`` with auditing off
+_NO_AUDIT: tuple[None, ...] = (None,) * 11
+
+
+def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
+    """``sb_publish_group``'s audit arguments from a lane's staged rows (``COLUMNS`` order):
+    chain, the sequence number before the first, the lane's head, then per record its time,
+    actor (an index into the distinct actors, 1-based), trace id and hash."""
+    actors: dict[tuple[Any, ...], int] = {}
+    at: list[datetime] = []
+    who: list[int] = []
+    trace: list[str | None] = []
+    hashes: list[bytes] = []
+    for r in staged:
+        actor = (r[5], r[6], r[7], r[8])
+        i = actors.get(actor)
+        if i is None:
+            i = actors[actor] = len(actors) + 1
+        at.append(r[2])
+        who.append(i)
+        trace.append(r[13])
+        hashes.append(r[16])
+    first = staged[0]
+    return (
+        first[0],
+        first[1] - 1,
+        first[15],
+        at,
+        who,
+        [a[0] for a in actors],
+        [a[1] for a in actors],
+        [a[2] for a in actors],
+        [a[3] for a in actors],
+        trace,
+        hashes,
+    )

@@ -14,9 +14,12 @@ transactions report their COMMIT. The committers' code is the real one, untouche
 
 and the crash point is the return of ``conn.transaction().__aexit__``: COMMIT has returned
 (``synchronous_commit = on``, so the rows are durable) but the connection is not released and no
-future is resolved, so no CONFIRM was even queued. On the CRASH_AFTER-th such COMMIT of a
-transaction that published, the process reports it and calls ``os._exit(CRASH_EXIT)``: no
-``finally``, no shutdown, no flush of anything but the report line.
+future is resolved, so no CONFIRM was even queued. Groups of fresh messages take the
+one-statement path first (``publish_group``, migration 0005: the statement is the transaction);
+there the crash point is the statement's return, again before any future is resolved. On the
+CRASH_AFTER-th such COMMIT of a transaction that published, the process reports it and calls
+``os._exit(CRASH_EXIT)``: no ``finally``, no shutdown, no flush of anything but the report
+line.
 
 stdout, one flushed line per event (fields separated by spaces):
 
@@ -153,6 +156,17 @@ class CrashAfterCommitStore(GroupCommitStore):
         results = await super().publish_in(conn, messages, retention, events)
         if isinstance(conn, _Connection):
             conn.published = _Published(messages, results)
+        return results
+
+    async def publish_group(
+        self, messages: Sequence[PreparedMessage]
+    ) -> list[PublishResult] | None:
+        """The one-statement path: its statement is its transaction, so when it returns with
+        results the group is committed; crash (or report) before any future is resolved."""
+        say("publishing", *(m.idempotency_key for m in messages))
+        results = await super().publish_group(messages)
+        if results is not None:
+            self.committed(_Published(messages, results))
         return results
 
     def committed(self, published: _Published) -> None:

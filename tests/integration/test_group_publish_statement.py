@@ -1,0 +1,305 @@
+"""Group commit's one-statement path (``sb_publish_group``, migration 0005): a group of fresh
+messages commits in one statement with its audit records; anything else (a claimed key, a key
+repeated in the group, a missing topic) leaves nothing behind and takes the general path."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from securebroker.audit.checkpoint import SigningKey
+from securebroker.audit.log import AuditLog, record_of
+from securebroker.audit.record import Actor, recompute
+from securebroker.clock import ManualClock
+from securebroker.core.broker import Broker
+from securebroker.core.model import PublishRequest, SettleRef
+from securebroker.errors import StaleLease, TopicNotFound, Unavailable
+from securebroker.store.group import GroupCommitStore
+from tests.conftest import FP_KEY
+
+ALICE = Actor(certificate="spiffe://pay/alice", subject="alice", address="10.0.0.1:5000",
+              protocol="native")  # fmt: skip
+BOB = Actor(certificate="spiffe://pay/bob", subject=None, address="10.0.0.2:5001",
+            protocol="native")  # fmt: skip
+
+
+@dataclass
+class Grouped:
+    broker: Broker
+    store: GroupCommitStore
+    db: asyncpg.Connection
+
+
+@pytest.fixture(params=["audit", "no-audit"])
+async def grouped(
+    request: pytest.FixtureRequest, pg_dsn: str, clock: ManualClock
+) -> AsyncIterator[Grouped]:
+    store = await GroupCommitStore.connect_group(pg_dsn, min_size=2, max_size=10, committers=1)
+    audit = None
+    if request.param == "audit":
+        audit = AuditLog(
+            store.pool, signer=SigningKey.generate(), clock=clock, checkpoint_interval=3600
+        )
+        await audit.start()
+        store.audit = audit
+    broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(5))
+    await broker.create_topic("t")
+    await broker.create_subscription("s", "t")
+    await broker.create_subscription("s2", "t")
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        yield Grouped(broker, store, db)
+    finally:
+        await db.close()
+        if audit is not None:
+            await audit.close()
+        await store.close()
+
+
+async def counts(db: asyncpg.Connection) -> tuple[int, int, int]:
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM sb_messages), (SELECT count(*) FROM sb_deliveries),"
+        " (SELECT count(*) FROM sb_idempotency)"
+    )
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+async def test_fresh_messages_commit_in_one_statement(grouped: Grouped) -> None:
+    g = grouped
+    reqs = [PublishRequest("t", b"m%d" % i, idempotency_key=f"k{i}") for i in range(50)]
+    reqs += [PublishRequest("t", b"unkeyed", ordering_key="acct-1") for _ in range(5)]
+    results = await g.broker.publish_batch(reqs, actor=ALICE)
+    assert [r.duplicate for r in results] == [False] * 55
+    assert (g.store.stats.single_statement, g.store.stats.general) == (1, 0)
+    assert await counts(g.db) == (55, 110, 50)  # two subscriptions; unkeyed: no claim
+    rows = await g.db.fetch(
+        "SELECT d.message_id, d.seq, d.available_at, d.ordering_key, m.published_at"
+        " FROM sb_deliveries d JOIN sb_messages m ON m.id = d.message_id"
+        " WHERE d.subscription_id = (SELECT id FROM sb_subscriptions WHERE name = 's')"
+        " ORDER BY d.seq"
+    )
+    assert [r["message_id"] for r in rows] == [r.message_id for r in results]  # publish order
+    assert all(r["available_at"] == r["published_at"] for r in rows)
+    assert [r["ordering_key"] for r in rows][-5:] == ["acct-1"] * 5
+    got = await g.broker.receive("s", 100)
+    assert [d.payload for d in got] == [*(r.payload for r in reqs[:50]), b"unkeyed"]  # one per key
+
+
+async def test_a_claimed_key_rolls_back_the_statement_and_the_group_goes_the_general_way(
+    grouped: Grouped,
+) -> None:
+    g = grouped
+    first = await g.broker.publish(PublishRequest("t", b"original", idempotency_key="taken"))
+    assert (g.store.stats.single_statement, g.store.stats.general) == (1, 0)
+    reqs = [PublishRequest("t", b"m%d" % i, idempotency_key=f"k{i}") for i in range(10)]
+    reqs.insert(4, PublishRequest("t", b"original", idempotency_key="taken"))
+    results = await g.broker.publish_batch(reqs)
+    assert (g.store.stats.single_statement, g.store.stats.general) == (1, 1)
+    assert results[4].duplicate and results[4].message_id == first.message_id
+    assert [r.duplicate for i, r in enumerate(results) if i != 4] == [False] * 10
+    # the refused statement kept nothing: each message, delivery and claim exactly once
+    assert await counts(g.db) == (11, 22, 11)
+    claims = await g.db.fetch("SELECT key, message_id FROM sb_idempotency ORDER BY key")
+    expected = {"taken": first.message_id} | {
+        f"k{i}": r.message_id for i, r in enumerate(r for j, r in enumerate(results) if j != 4)
+    }
+    assert {c["key"]: c["message_id"] for c in claims} == expected
+
+
+async def test_a_key_repeated_in_the_group_takes_the_general_path(grouped: Grouped) -> None:
+    g = grouped
+    req = PublishRequest("t", b"same", idempotency_key="k")
+    results = await g.broker.publish_batch([req, PublishRequest("t", b"x"), req])
+    assert (g.store.stats.single_statement, g.store.stats.general) == (0, 1)
+    assert results[2].duplicate and results[2].message_id == results[0].message_id
+    assert await counts(g.db) == (2, 4, 1)
+
+
+async def test_a_missing_topic_fails_only_its_own_request(grouped: Grouped) -> None:
+    g = grouped
+    results = await g.broker.publish_batch([PublishRequest("t", b"before")])
+    with pytest.raises(TopicNotFound):
+        await g.broker.publish_batch([PublishRequest("t", b"x"), PublishRequest("nope", b"y")])
+    assert g.store.stats.general == 1
+    assert await counts(g.db) == (1, 2, 0)
+    assert len(results) == 1
+
+
+async def test_a_failed_statement_confirms_nothing_and_keeps_nothing(grouped: Grouped) -> None:
+    g = grouped
+    await g.db.execute(
+        """
+        CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.payload = 'poison'::bytea THEN RAISE EXCEPTION 'injected failure'; END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER poison BEFORE INSERT ON sb_messages
+          FOR EACH ROW EXECUTE FUNCTION poison();
+        """
+    )
+    reqs = [PublishRequest("t", b"fine", idempotency_key=f"k{i}") for i in range(5)]
+    reqs.insert(2, PublishRequest("t", b"poison", idempotency_key="p"))
+    with pytest.raises(Unavailable):
+        await g.broker.publish_batch(reqs)
+    assert await counts(g.db) == (0, 0, 0)  # not even the claims
+    if g.store.audit is not None:
+        assert await published_records(g.db) == 0
+        before = await chains_verify(g.db)
+        # the lane did not move: the next group links to the head before the failure
+        await g.db.execute("DROP TRIGGER poison ON sb_messages")
+        await g.broker.publish_batch([PublishRequest("t", b"after")], actor=ALICE)
+        assert await chains_verify(g.db) == before + 1
+        assert await published_records(g.db) == 1
+
+
+async def published_records(db: asyncpg.Connection) -> int:
+    n: int = await db.fetchval(
+        "SELECT count(*) FROM sb_audit WHERE event IN ('published', 'deduplicated')"
+    )
+    return n
+
+
+async def chains_verify(db: asyncpg.Connection) -> int:
+    """Every stored record hashes to its ``hash`` and links to the one before; returns the
+    number of records."""
+    rows = [record_of(r) for r in await db.fetch("SELECT * FROM sb_audit ORDER BY chain, seq")]
+    prev: dict[int, bytes] = {}
+    for r in rows:
+        assert recompute(r) == r.hash, r
+        if r.chain in prev:
+            assert r.prev_hash == prev[r.chain], r
+        prev[r.chain] = r.hash
+    return len(rows)
+
+
+@pytest.mark.parametrize("grouped", ["audit"], indirect=True)
+async def test_audit_records_of_the_statement_match_the_general_path(
+    grouped: Grouped, clock: ManualClock
+) -> None:
+    g = grouped
+    ctx = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    # one group, two actors (the statement takes distinct actors by index)
+    jobs = [
+        g.store.submit_publish(
+            g.broker._prepare_all(
+                [PublishRequest("t", b"a%d" % i, trace_context=ctx if i == 0 else {})],
+                "alice",
+                None,
+                None,
+                ALICE,
+            ),
+            g.broker.settings.idempotency_retention,
+        )
+        for i in range(3)
+    ] + [
+        g.store.submit_publish(
+            g.broker._prepare_all([PublishRequest("t", b"b")], "bob", None, None, BOB),
+            g.broker.settings.idempotency_retention,
+        )
+    ]
+    fast = [r for rs in await asyncio.gather(*jobs) for r in rs]
+    # the same publishes on the general path (a repeated key forces it)
+    clock.advance(1)
+    req = PublishRequest("t", b"slow", idempotency_key="k", trace_context=ctx)
+    slow = await g.broker.publish_batch([req, req], actor=BOB)
+    assert g.store.stats.single_statement >= 1 and g.store.stats.general == 1
+    await chains_verify(g.db)
+    assert await published_records(g.db) == 6  # 4 + 1 published, 1 deduplicated
+    recs = {
+        r["message_id"]: r
+        for r in await g.db.fetch(
+            "SELECT * FROM sb_audit WHERE event = 'published' ORDER BY chain, seq"
+        )
+    }
+    for res, actor in zip(fast, [ALICE, ALICE, ALICE, BOB], strict=True):
+        r = recs[res.message_id]
+        assert (r["actor_cert"], r["actor_sub"], r["origin_addr"], r["origin_proto"]) == (
+            actor.certificate,
+            actor.subject,
+            actor.address,
+            actor.protocol,
+        )
+        assert (r["topic"], r["outcome"], r["subscription"], r["key_id"], r["detail"]) == (
+            "t",
+            "success",
+            None,
+            None,
+            None,
+        )
+    assert recs[fast[0].message_id]["trace_id"] == recs[slow[0].message_id]["trace_id"]
+    assert recs[fast[0].message_id]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert recs[fast[1].message_id]["trace_id"] is None
+    # time and sequence: one chain, in order, times never going back
+    chain = [
+        r
+        for r in await g.db.fetch("SELECT chain, seq, at FROM sb_audit ORDER BY chain, seq")
+        if r["chain"] == recs[fast[0].message_id]["chain"]
+    ]
+    assert [r["seq"] for r in chain] == list(range(1, len(chain) + 1))
+    assert all(a["at"] <= b["at"] for a, b in itertools.pairwise(chain))
+    assert all(r["at"] >= datetime(2000, 1, 1, tzinfo=UTC) for r in chain)
+    assert isinstance(fast[0].message_id, uuid.UUID)
+
+
+async def test_acks_that_hold_their_leases_commit_in_one_statement(grouped: Grouped) -> None:
+    g = grouped
+    await g.broker.publish_batch([PublishRequest("t", b"%d" % i) for i in range(20)])
+    ds = await g.broker.receive("s", 20)
+    refs = [SettleRef(d.subscription, d.message_id, d.lease_token, actor=BOB) for d in ds]
+    assert await g.broker.ack_batch(refs) == [None] * 20
+    assert g.store.stats.single_statement_acks == 1
+    # acked in "s" only: the messages stay for "s2"; then "s2" acks and they are gone
+    assert await counts(g.db) == (20, 20, 0)
+    ds2 = await g.broker.receive("s2", 20)
+    refs2 = [SettleRef(d.subscription, d.message_id, d.lease_token, actor=BOB) for d in ds2]
+    assert await g.broker.ack_batch(refs2) == [None] * 20
+    assert g.store.stats.single_statement_acks == 2
+    assert await counts(g.db) == (0, 0, 0)
+    if g.store.audit is not None:
+        await chains_verify(g.db)
+        rows = await g.db.fetch(
+            "SELECT message_id, topic, subscription, actor_cert, actor_sub, origin_addr,"
+            " origin_proto, outcome, trace_id, detail FROM sb_audit WHERE event = 'acked'"
+        )
+        assert sorted((r["message_id"], r["subscription"]) for r in rows) == sorted(
+            [(d.message_id, "s") for d in ds] + [(d.message_id, "s2") for d in ds2]
+        )
+        assert {tuple(r.values())[1:] for r in rows} == {
+            ("t", sub, BOB.certificate, None, BOB.address, BOB.protocol, "success", None, None)
+            for sub in ("s", "s2")
+        }
+
+
+async def test_a_stale_ack_rolls_back_the_statement_and_each_ack_gets_its_own_answer(
+    grouped: Grouped,
+) -> None:
+    g = grouped
+    await g.broker.publish_batch([PublishRequest("t", b"%d" % i) for i in range(5)])
+    ds = await g.broker.receive("s", 5)
+    refs = [SettleRef(d.subscription, d.message_id, d.lease_token) for d in ds]
+    assert await g.broker.ack_batch(refs[:1]) == [None]
+    results = await g.broker.ack_batch(refs)  # the first is now stale
+    assert isinstance(results[0], StaleLease)
+    assert results[1:] == [None] * 4
+    assert g.store.stats.single_statement_acks == 1  # the second group went the general way
+    assert (
+        await g.db.fetchval(
+            "SELECT count(*) FROM sb_deliveries WHERE subscription_id ="
+            " (SELECT id FROM sb_subscriptions WHERE name = 's')"
+        )
+        == 0
+    )
+    if g.store.audit is not None:
+        await chains_verify(g.db)
+        acked = await g.db.fetchval("SELECT count(*) FROM sb_audit WHERE event = 'acked'")
+        assert acked == 5  # one per ack that took effect, none for the refused statement
