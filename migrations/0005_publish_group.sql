@@ -13,42 +13,77 @@
 -- path, which sorts out duplicates, conflicts and renewals.
 --
 -- Audit records (one "published" record per message) arrive already hashed by the broker's
--- lane (securebroker/audit/log.py): their per-record columns as arrays, the lane's chain, first
--- sequence number and head; each record's prev_hash is the hash of the one before it.
--- p_chain NULL means auditing is off.
+-- lane (securebroker/audit/log.py): the lane's chain, first sequence number and head; per
+-- record its time, context, trace id and hash; and the group's distinct contexts (actor, topic,
+-- subscription: exactly the values hashed, never looked up here, so a topic deleted meanwhile
+-- cannot drop a record). Each record's prev_hash is the hash of the one before it. Every
+-- record must be inserted, or the statement fails and nothing is kept. p_chain NULL means
+-- auditing is off.
+-- The audit records of a one-statement group, hashed by the broker: one record per message
+-- id, with the given event; all of them or an error (a lost record would break the chain).
+CREATE FUNCTION sb_audit_append(
+    p_chain bigint, p_seq0 bigint, p_prev bytea, p_event text, p_id uuid[],
+    a_at timestamptz[], a_ctx integer[], a_trace text[], a_hash bytea[], c_cert text[],
+    c_sub text[], c_addr text[], c_proto text[], c_topic text[], c_subscription text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    recorded integer;
+BEGIN
+    INSERT INTO sb_audit (chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr,
+                          origin_proto, topic, subscription, message_id, trace_id, prev_hash,
+                          hash)
+    SELECT p_chain, p_seq0 + r.n, r.at, p_event, 'success', c.cert, c.sub, c.addr, c.proto,
+           c.topic, c.subscription, r.id, r.trace,
+           coalesce(lag(r.hash) OVER (ORDER BY r.n), p_prev), r.hash
+    FROM unnest(p_id, a_at, a_ctx, a_trace, a_hash)
+            WITH ORDINALITY AS r (id, at, ctx, trace, hash, n)
+        JOIN unnest(c_cert, c_sub, c_addr, c_proto, c_topic, c_subscription)
+            WITH ORDINALITY AS c (cert, sub, addr, proto, topic, subscription, i)
+            ON c.i = r.ctx;
+    GET DIAGNOSTICS recorded = ROW_COUNT;
+    IF recorded <> cardinality(p_id) OR recorded <> cardinality(a_hash) THEN
+        RAISE EXCEPTION 'audit records of this group do not match its messages';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION sb_publish_group(
     p_id uuid[], p_topic bigint[], p_payload bytea[], p_attributes jsonb[],
     p_content_type text[], p_idem_key text[], p_ordering_key text[], p_producer text[],
     p_not_before timestamptz[], p_expires_at timestamptz[], p_trace_context jsonb[],
     p_published_at timestamptz[], p_scope text[], p_fingerprint bytea[], p_locks bigint[],
-    p_chain bigint, p_seq0 bigint, p_prev bytea, a_at timestamptz[], a_actor integer[],
-    a_cert text[], a_sub text[], a_addr text[], a_proto text[], a_trace text[], a_hash bytea[]
+    p_chain bigint, p_seq0 bigint, p_prev bytea, a_at timestamptz[], a_ctx integer[],
+    a_trace text[], a_hash bytea[], c_cert text[], c_sub text[], c_addr text[], c_proto text[],
+    c_topic text[], c_subscription text[]
 ) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     expected integer;
     claimed integer;
 BEGIN
-    -- publishers of one ordering key in key order (no deadlocks), as the general path does
-    IF p_locks IS NOT NULL THEN
-        PERFORM count(pg_advisory_xact_lock(k))
-        FROM (SELECT k FROM unnest(p_locks) AS k ORDER BY k) AS keys;
-    END IF;
+    -- Locks in the general path's order (publish_in: claims, then ordering keys), so a retry
+    -- on one path and its original on the other cannot deadlock.
     SELECT count(*) INTO expected FROM unnest(p_idem_key) AS k WHERE k IS NOT NULL;
     IF expected > 0 THEN
-        -- in key order, so concurrent groups lock claims in one order
+        -- in key order (byte order: the broker sorts by code point), so concurrent groups
+        -- lock claims in one order
         INSERT INTO sb_idempotency (topic_id, producer_scope, key, message_id, fingerprint,
                                     created_at)
         SELECT r.topic_id, r.scope, r.key, r.id, r.fp, r.at
         FROM unnest(p_topic, p_scope, p_idem_key, p_id, p_fingerprint, p_published_at)
             AS r (topic_id, scope, key, id, fp, at)
         WHERE r.key IS NOT NULL
-        ORDER BY r.topic_id, r.scope, r.key
+        ORDER BY r.topic_id, r.scope COLLATE "C", r.key COLLATE "C"
         ON CONFLICT DO NOTHING;
         GET DIAGNOSTICS claimed = ROW_COUNT;
         IF claimed <> expected THEN
             RAISE EXCEPTION 'an idempotency key of this group is already claimed'
                 USING ERRCODE = 'SB001';
         END IF;
+    END IF;
+    -- publishers of one ordering key in key order, as the general path does
+    IF p_locks IS NOT NULL THEN
+        PERFORM count(pg_advisory_xact_lock(k))
+        FROM (SELECT k FROM unnest(p_locks) AS k ORDER BY k) AS keys;
     END IF;
     -- the same insert as the named query "publish" (securebroker/store/sql/queries.sql)
     WITH m AS (
@@ -71,31 +106,24 @@ BEGIN
            m.expires_at
     FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
     IF p_chain IS NOT NULL THEN
-        INSERT INTO sb_audit (chain, seq, at, event, outcome, actor_cert, actor_sub,
-                              origin_addr, origin_proto, topic, message_id, trace_id,
-                              prev_hash, hash)
-        SELECT p_chain, p_seq0 + r.n, r.at, 'published', 'success', a.cert, a.sub, a.addr,
-               a.proto, t.name, r.id, r.trace,
-               coalesce(lag(r.hash) OVER (ORDER BY r.n), p_prev), r.hash
-        FROM unnest(p_id, p_topic, a_at, a_actor, a_trace, a_hash)
-                WITH ORDINALITY AS r (id, topic_id, at, actor, trace, hash, n)
-            JOIN unnest(a_cert, a_sub, a_addr, a_proto)
-                WITH ORDINALITY AS a (cert, sub, addr, proto, i) ON a.i = r.actor
-            JOIN sb_topics t ON t.id = r.topic_id;
+        PERFORM sb_audit_append(p_chain, p_seq0, p_prev, 'published', p_id, a_at, a_ctx,
+                                a_trace, a_hash, c_cert, c_sub, c_addr, c_proto, c_topic,
+                                c_subscription);
     END IF;
     RETURN cardinality(p_id);
 END
 $$;
 
 -- Acks of a group in one statement, likewise: the named query "ack" plus one "acked" audit
--- record per ack (topic and subscription names from the subscription ids). Every ack must
+-- record per ack. Every ack must
 -- still hold its lease; when one does not (a stale or repeated ack) it raises SQLSTATE SB002,
 -- nothing is kept, and the broker runs the group on the general path, which reports each
 -- stale ack on its own.
 CREATE FUNCTION sb_ack_group(
     p_id uuid[], p_sub bigint[], p_token uuid[],
-    p_chain bigint, p_seq0 bigint, p_prev bytea, a_at timestamptz[], a_actor integer[],
-    a_cert text[], a_sub text[], a_addr text[], a_proto text[], a_trace text[], a_hash bytea[]
+    p_chain bigint, p_seq0 bigint, p_prev bytea, a_at timestamptz[], a_ctx integer[],
+    a_trace text[], a_hash bytea[], c_cert text[], c_sub text[], c_addr text[], c_proto text[],
+    c_topic text[], c_subscription text[]
 ) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     acked integer;
@@ -118,18 +146,9 @@ BEGIN
         RAISE EXCEPTION 'an ack of this group no longer holds its lease' USING ERRCODE = 'SB002';
     END IF;
     IF p_chain IS NOT NULL THEN
-        INSERT INTO sb_audit (chain, seq, at, event, outcome, actor_cert, actor_sub,
-                              origin_addr, origin_proto, topic, subscription, message_id,
-                              trace_id, prev_hash, hash)
-        SELECT p_chain, p_seq0 + r.n, r.at, 'acked', 'success', a.cert, a.sub, a.addr,
-               a.proto, t.name, s.name, r.id, r.trace,
-               coalesce(lag(r.hash) OVER (ORDER BY r.n), p_prev), r.hash
-        FROM unnest(p_id, p_sub, a_at, a_actor, a_trace, a_hash)
-                WITH ORDINALITY AS r (id, sub_id, at, actor, trace, hash, n)
-            JOIN unnest(a_cert, a_sub, a_addr, a_proto)
-                WITH ORDINALITY AS a (cert, sub, addr, proto, i) ON a.i = r.actor
-            JOIN sb_subscriptions s ON s.id = r.sub_id
-            JOIN sb_topics t ON t.id = s.topic_id;
+        PERFORM sb_audit_append(p_chain, p_seq0, p_prev, 'acked', p_id, a_at, a_ctx, a_trace,
+                                a_hash, c_cert, c_sub, c_addr, c_proto, c_topic,
+                                c_subscription);
     END IF;
     RETURN acked;
 END

@@ -160,6 +160,9 @@ class GroupCommitStore(PostgresStore):
             except DB_ERRORS as exc:
                 _db_failed("group publish", jobs, exc)  # outcome maybe unknown: no retry here
                 continue
+            except Exception:  # noqa: BLE001 - a bug: fail the group (unconfirmed), keep going
+                _unexpected("group publish", jobs)
+                continue
             if fast is not None:
                 self.stats.single_statement += 1
                 _resolve(jobs, fast)
@@ -221,6 +224,9 @@ class GroupCommitStore(PostgresStore):
             except DB_ERRORS as exc:
                 _db_failed("ack", jobs, exc)
                 continue
+            except Exception:  # noqa: BLE001 - a bug: fail the group (unconfirmed), keep going
+                _unexpected("ack", jobs)
+                continue
             if fast is not None:
                 self.stats.single_statement_acks += 1
                 _resolve(jobs, fast)
@@ -251,6 +257,14 @@ def _db_failed(what: str, jobs: Sequence[_Job[R]], exc: BaseException) -> None:
     """A database failure: every job in the group fails unconfirmed, as retryable."""
     log.warning("%s failed: %s", what, exc.__class__.__name__)
     _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
+
+
+def _unexpected(what: str, jobs: Sequence[_Job[R]]) -> None:
+    """An unexpected error (a bug): logged with its traceback; every job fails unconfirmed and
+    retryable (its outcome is unknown, as after a lost connection), and the committer lives on:
+    a dead committer would leave every later request waiting forever."""
+    log.exception("%s failed unexpectedly", what)
+    _fail(jobs, Unavailable("internal error; retry with the same idempotency key"))
 
 
 def _fail(jobs: Sequence[_Job[R]], exc: BaseException) -> None:

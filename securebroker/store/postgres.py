@@ -11,7 +11,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -20,7 +20,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from securebroker.audit import events as ae
-from securebroker.audit.log import CONNECTION_ERRORS, AuditLog, Row
+from securebroker.audit.log import CONNECTION_ERRORS, AuditLog, Lane, Row
 from securebroker.audit.log import Outcome as TxOutcome
 from securebroker.audit.record import BROKER, Actor, AuditEvent, Event, Outcome
 from securebroker.core.model import (
@@ -515,7 +515,9 @@ class PostgresStore:
         transaction; migration 0005). ``None`` when the group is not for this path (a key
         repeated in the group, or already claimed: nothing was kept) and must go the general
         way (``publish_in``). Same rows, same audit records, one round trip instead of five."""
-        async with self.pool.acquire() as conn:
+        if not messages:
+            return []
+        async with self._group_conn() as (conn, tx):
             topic_ids = [await self._topic_id(conn, m.topic) for m in messages]
             keys: set[tuple[int, str, str]] = set()
             locks: set[int] = set()
@@ -559,23 +561,38 @@ class PostgresStore:
                     for m in messages
                 ]
             )
-            if not await self._one_statement(conn, Q["publish_group"], args, events, CLAIMED):
+            if not await self._one_statement(conn, tx, Q["publish_group"], args, events, CLAIMED):
                 return None
         return [PublishResult(m.id) for m in messages]
+
+    @contextlib.asynccontextmanager
+    async def _group_conn(self) -> AsyncIterator[tuple[Conn, _GroupTx]]:
+        """A connection for a one-statement group, and (with auditing) a lane checked out
+        FIRST, as ``AuditLog.transaction`` does: creating a lane may need a connection of its
+        own, which must never be awaited while this one is held."""
+        audit = self.audit
+        tx = _GroupTx(None if audit is None else await audit.checkout())
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn, tx
+        finally:
+            if audit is not None and tx.lane is not None:
+                audit.checkin(tx.lane, tx.staged, tx.outcome)
 
     async def _one_statement(
         self,
         conn: Conn,
+        tx: _GroupTx,
         query: str,
         args: Sequence[Any],
         events: Sequence[AuditEvent],
         refused: str,
     ) -> bool:
         """Run a group's statement (its own transaction) with the audit records of ``events``
-        chained on a lane; False when the server refused it with SQLSTATE ``refused``, in
-        which case nothing was kept."""
+        chained on the group's lane; False when the server refused it with SQLSTATE
+        ``refused``, in which case nothing was kept."""
         audit = self.audit
-        if audit is None:
+        if audit is None or tx.lane is None:
             try:
                 await conn.fetchval(query, *args, *_NO_AUDIT)
             except asyncpg.PostgresError as exc:
@@ -583,22 +600,19 @@ class PostgresStore:
                     return False
                 raise
             return True
-        lane = await audit.checkout()
-        staged = lane.stage(events)
-        outcome: TxOutcome = "unknown"  # once sent, the statement may have committed
+        tx.staged = tx.lane.stage(events)
+        tx.outcome = "unknown"  # once sent, the statement may have committed
         try:
-            await conn.fetchval(query, *args, *_audit_args(staged))
-            outcome = "committed"
+            await conn.fetchval(query, *args, *_audit_args(tx.staged))
+            tx.outcome = "committed"
         except CONNECTION_ERRORS:
             audit.connection_lost()
             raise
         except asyncpg.PostgresError as exc:
-            outcome = "rolled_back"  # the server refused the statement: nothing was kept
+            tx.outcome = "rolled_back"  # the server refused the statement: nothing was kept
             if exc.sqlstate == refused:
                 return False
             raise
-        finally:
-            audit.checkin(lane, staged, outcome)
         return True
 
     # -- consume -------------------------------------------------------------------------------
@@ -702,7 +716,9 @@ class PostgresStore:
         """Acks, with their audit records, in ONE statement (migration 0005); ``None`` when the
         group is not for this path (an unknown subscription, a repeated or stale ack: nothing
         was kept) and must go the general way (``ack_in``)."""
-        async with self.pool.acquire() as conn:
+        if not refs:
+            return []
+        async with self._group_conn() as (conn, tx):
             results, todo = await self._resolve_refs(conn, refs)
             if len(todo) != len(refs):
                 return None
@@ -726,7 +742,9 @@ class PostgresStore:
                 [sub.id for _, sub in todo],
                 [r.lease_token for r in refs],
             )
-            if not await self._one_statement(conn, Q["ack_group"], args, events, STALE_IN_GROUP):
+            if not await self._one_statement(
+                conn, tx, Q["ack_group"], args, events, STALE_IN_GROUP
+            ):
                 return None
         return results
 
@@ -1113,25 +1131,26 @@ CLAIMED = "SB001"
 #: ``sb_ack_group`` raises this when an ack of the group no longer holds its lease
 STALE_IN_GROUP = "SB002"
 #: the audit arguments of ``sb_publish_group`` and ``sb_ack_group`` with auditing off
-_NO_AUDIT: tuple[None, ...] = (None,) * 11
+_NO_AUDIT: tuple[None, ...] = (None,) * 13
 
 
 def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
-    """``sb_publish_group``'s audit arguments from a lane's staged rows (``COLUMNS`` order):
-    chain, the sequence number before the first, the lane's head, then per record its time,
-    actor (an index into the distinct actors, 1-based), trace id and hash."""
-    actors: dict[tuple[Any, ...], int] = {}
+    """``sb_publish_group``/``sb_ack_group``'s audit arguments from a lane's staged rows
+    (``COLUMNS`` order): chain, the sequence number before the first, the lane's head, then
+    per record its time, context (an index, 1-based, into the group's distinct contexts: actor,
+    topic and subscription, exactly as hashed), trace id and hash; then the contexts."""
+    contexts: dict[tuple[Any, ...], int] = {}
     at: list[datetime] = []
-    who: list[int] = []
+    ctx: list[int] = []
     trace: list[str | None] = []
     hashes: list[bytes] = []
     for r in staged:
-        actor = (r[5], r[6], r[7], r[8])
-        i = actors.get(actor)
+        key = (r[5], r[6], r[7], r[8], r[9], r[10])
+        i = contexts.get(key)
         if i is None:
-            i = actors[actor] = len(actors) + 1
+            i = contexts[key] = len(contexts) + 1
         at.append(r[2])
-        who.append(i)
+        ctx.append(i)
         trace.append(r[13])
         hashes.append(r[16])
     first = staged[0]
@@ -1140,11 +1159,17 @@ def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
         first[1] - 1,
         first[15],
         at,
-        who,
-        [a[0] for a in actors],
-        [a[1] for a in actors],
-        [a[2] for a in actors],
-        [a[3] for a in actors],
+        ctx,
         trace,
         hashes,
+        *([c[j] for c in contexts] for j in range(6)),
     )
+
+
+@dataclass
+class _GroupTx:
+    """A one-statement group's lane and how its statement ended (for ``AuditLog.checkin``)."""
+
+    lane: Lane | None
+    staged: list[Row] = field(default_factory=list)
+    outcome: TxOutcome = "rolled_back"

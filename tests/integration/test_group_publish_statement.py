@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -23,6 +24,8 @@ from securebroker.core.broker import Broker
 from securebroker.core.model import PublishRequest, SettleRef
 from securebroker.errors import StaleLease, TopicNotFound, Unavailable
 from securebroker.store.group import GroupCommitStore
+from securebroker.store.postgres import PostgresStore, ordering_lock_key
+from securebroker.store.sql import QUERIES as Q
 from tests.conftest import FP_KEY
 
 ALICE = Actor(certificate="spiffe://pay/alice", subject="alice", address="10.0.0.1:5000",
@@ -303,3 +306,120 @@ async def test_a_stale_ack_rolls_back_the_statement_and_each_ack_gets_its_own_an
         await chains_verify(g.db)
         acked = await g.db.fetchval("SELECT count(*) FROM sb_audit WHERE event = 'acked'")
         assert acked == 5  # one per ack that took effect, none for the refused statement
+
+
+# -- regressions found in review ----------------------------------------------------------------
+
+
+async def test_a_topic_deleted_elsewhere_loses_no_audit_record(
+    pg_dsn: str, clock: ManualClock
+) -> None:
+    """The audit records carry the names that were hashed; none is looked up in the statement,
+    so a topic deleted by another broker (this one still has its id cached) cannot drop one
+    and break the chain."""
+    store = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=10, committers=1)
+    audit = AuditLog(store.pool, signer=SigningKey.generate(), clock=clock, checkpoint_interval=60)
+    await audit.start()
+    store.audit = audit
+    broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(5))
+    other = await PostgresStore.connect(pg_dsn, min_size=1, max_size=2)
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        await broker.create_topic("t")
+        await broker.create_topic("u")
+        await broker.create_subscription("su", "u")
+        await broker.publish_batch([PublishRequest("t", b"warm")], actor=ALICE)  # caches t
+        await broker.publish_batch([PublishRequest("u", b"warm")], actor=ALICE)
+        await other.delete_topic("t", force=True, now=clock.now())
+        await broker.publish_batch(
+            [PublishRequest("t", b"x"), PublishRequest("u", b"y")], actor=ALICE
+        )
+        await broker.publish_batch([PublishRequest("u", b"z")], actor=ALICE)
+        assert await published_records(db) == 5
+        await chains_verify(db)
+    finally:
+        await db.close()
+        await other.close()
+        await audit.close()
+        await store.close()
+
+
+async def test_the_first_group_on_a_pool_of_one_does_not_wait_for_itself(
+    pg_dsn: str, clock: ManualClock
+) -> None:
+    """A new lane may need a connection to create its chain: the lane is taken before the
+    group's connection, as every audited transaction does."""
+    store = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=1, committers=1)
+    audit = AuditLog(store.pool, signer=SigningKey.generate(), clock=clock, checkpoint_interval=60)
+    await audit.start()
+    store.audit = audit
+    broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(5))
+    try:
+        await broker.create_topic("t")
+        audit.connection_lost()  # retire the lane: the next group must create one
+        async with asyncio.timeout(60):  # a bound on a hang, not a speed check
+            result = await broker.publish_batch([PublishRequest("t", b"x")], actor=ALICE)
+        assert not result[0].duplicate
+        assert store.stats.single_statement == 1
+    finally:
+        await store.close()
+        await audit.close()
+
+
+async def test_a_retry_on_the_general_path_and_its_original_in_a_group_do_not_deadlock(
+    pg_dsn: str, clock: ManualClock
+) -> None:
+    """Both paths take the idempotency claims first and the ordering-key locks after, so a
+    retried message (same key, same ordering key) in each can only wait, never deadlock."""
+    store = await GroupCommitStore.connect_group(pg_dsn, min_size=1, max_size=4, committers=1)
+    broker = Broker(store, fingerprint_key=FP_KEY, clock=clock, rng=random.Random(5))
+    general = await asyncpg.connect(pg_dsn)
+    try:
+        await broker.create_topic("t")
+        tid = await general.fetchval("SELECT id FROM sb_topics WHERE name = 't'")
+        req = PublishRequest("t", b"pay", idempotency_key="K", ordering_key="acct")
+        original = broker.prepare(req, producer="p", scope=None, now=clock.now())
+        retry = broker.prepare(req, producer="p", scope=None, now=clock.now())
+        # the retry on the general path: publish_in's statements, in its order
+        await general.execute("BEGIN")
+        await general.fetch(
+            Q["idem_claim"], [tid], ["p"], ["K"], [retry.id], [retry.fingerprint],
+            [retry.published_at],
+        )  # fmt: skip
+        fast = asyncio.ensure_future(store.publish_group([original]))
+        assert await blocked_on_a_lock(pg_dsn, fast)
+        await general.fetchval(Q["ordering_lock"], [ordering_lock_key(tid, "acct")])
+        await general.execute("COMMIT")
+        assert await fast is None  # the key was claimed: the group goes the general way
+    finally:
+        await general.close()
+        await store.close()
+
+
+async def blocked_on_a_lock(dsn: str, fast: asyncio.Future[Any]) -> bool:
+    """True once the group's statement waits for a lock (bounded polling of pg_stat_activity
+    from a connection of its own, outside any transaction: a condition, not a timing)."""
+    observer = await asyncpg.connect(dsn)
+    try:
+        for _ in range(2000):
+            if fast.done():
+                return False
+            n = await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%sb_publish_group%'"
+            )
+            if n:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+    finally:
+        await observer.close()
+
+
+async def test_empty_groups_are_answered_and_the_committers_live_on(grouped: Grouped) -> None:
+    g = grouped
+    assert await g.broker.ack_batch([]) == []
+    assert await g.store.publish_group([]) == []
+    await g.broker.publish_batch([PublishRequest("t", b"x")])
+    ds = await g.broker.receive("s", 1)
+    assert await g.broker.ack_batch([SettleRef("s", ds[0].message_id, ds[0].lease_token)]) == [None]

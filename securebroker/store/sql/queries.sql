@@ -319,9 +319,9 @@ RETURNING message_id;
 -- A whole group commit in one statement (migration 0005: fresh messages only; SQLSTATE SB001
 -- when a key is already claimed, and nothing is kept).
 SELECT sb_publish_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                        $17, $18, $19, $20, $21, $22, $23, $24, $25, $26);
+                        $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28);
 
 -- name: ack_group
 -- A group's acks in one statement (migration 0005: every ack must hold its lease; SQLSTATE
 -- SB002 otherwise, and nothing is kept).
-SELECT sb_ack_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14);
+SELECT sb_ack_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16);
