@@ -423,3 +423,38 @@ async def test_empty_groups_are_answered_and_the_committers_live_on(grouped: Gro
     await g.broker.publish_batch([PublishRequest("t", b"x")])
     ds = await g.broker.receive("s", 1)
     assert await g.broker.ack_batch([SettleRef("s", ds[0].message_id, ds[0].lease_token)]) == [None]
+
+
+@pytest.mark.parametrize("grouped", ["audit"], indirect=True)
+async def test_a_connection_lost_mid_statement_retires_the_lane(
+    grouped: Grouped, pg_dsn: str
+) -> None:
+    """The group's backend terminated while its statement runs leaves the outcome unknown to
+    the broker: every request fails unconfirmed and the lane is retired, so no later record
+    can link to one that may or may not exist."""
+    g = grouped
+    assert g.store.audit is not None
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("LOCK TABLE sb_messages IN EXCLUSIVE MODE")
+        pending = asyncio.ensure_future(
+            g.broker.publish_batch([PublishRequest("t", b"x", idempotency_key="k")])
+        )
+        assert await blocked_on_a_lock(pg_dsn, pending)
+        await g.db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%sb_publish_group%' AND wait_event_type = 'Lock'"
+        )
+        with pytest.raises(Unavailable):
+            await pending
+        await holder.execute("ROLLBACK")
+    finally:
+        await holder.close()
+    assert g.store.stats.single_statement == 0
+    assert all(lane.retired for lane in g.store.audit._lanes.values())
+    # the retry (same key) is published once, on a new chain, and every chain verifies
+    result = await g.broker.publish_batch([PublishRequest("t", b"x", idempotency_key="k")])
+    assert not result[0].duplicate
+    assert await published_records(g.db) == 1
+    await chains_verify(g.db)
