@@ -19,6 +19,59 @@
 -- cannot drop a record). Each record's prev_hash is the hash of the one before it. Every
 -- record must be inserted, or the statement fails and nothing is kept. p_chain NULL means
 -- auditing is off.
+-- The insert of fresh messages and their deliveries, shared by both paths: the general path's
+-- named query "publish" (securebroker/store/sql/queries.sql) and sb_publish_group below.
+-- One message row, fanned out (by reference) into one delivery row per subscription. Empty
+-- attribute maps arrive as NULL (cheaper to encode than '{}' per message).
+CREATE FUNCTION sb_insert_messages(
+    p_id uuid[], p_topic bigint[], p_payload bytea[], p_attributes jsonb[],
+    p_content_type text[], p_idem_key text[], p_ordering_key text[], p_producer text[],
+    p_not_before timestamptz[], p_expires_at timestamptz[], p_trace_context jsonb[],
+    p_published_at timestamptz[]
+) RETURNS void LANGUAGE sql AS $$
+    WITH m AS (
+        INSERT INTO sb_messages (id, topic_id, payload, attributes, content_type,
+                                 idempotency_key, ordering_key, producer, not_before,
+                                 expires_at, trace_context, published_at)
+        SELECT r.id, r.topic_id, r.payload, coalesce(r.attributes, '{}'), r.content_type,
+               r.idempotency_key, r.ordering_key, r.producer, r.not_before, r.expires_at,
+               coalesce(r.trace_context, '{}'), r.published_at
+        FROM unnest(p_id, p_topic, p_payload, p_attributes, p_content_type, p_idem_key,
+                    p_ordering_key, p_producer, p_not_before, p_expires_at, p_trace_context,
+                    p_published_at)
+            AS r (id, topic_id, payload, attributes, content_type, idempotency_key,
+                  ordering_key, producer, not_before, expires_at, trace_context, published_at)
+        RETURNING id, seq, topic_id, ordering_key, not_before, expires_at, published_at
+    )
+    INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, ordering_key,
+                               expires_at)
+    SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key,
+           m.expires_at
+    FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
+$$;
+
+-- Acks, shared by both paths (the named query "ack" and sb_ack_group): delete the deliveries
+-- the tokens still own, and a message with its last delivery; returns the deliveries acked.
+CREATE FUNCTION sb_ack_rows(p_id uuid[], p_sub bigint[], p_token uuid[])
+RETURNS TABLE (message_id uuid, subscription_id bigint) LANGUAGE sql AS $$
+    WITH req AS (
+        SELECT * FROM unnest(p_id, p_sub, p_token) AS r (message_id, subscription_id, lease_token)
+    ), done AS (
+        DELETE FROM sb_deliveries d USING req
+        WHERE d.message_id = req.message_id AND d.subscription_id = req.subscription_id
+          AND d.state = 1 AND d.lease_token = req.lease_token
+        RETURNING d.message_id, d.subscription_id
+    ), gone AS (
+        -- Every data-modifying CTE sees the snapshot from before the statement, so the rows
+        -- just deleted are still counted: the message goes when all its live rows are in done.
+        DELETE FROM sb_messages m
+        USING (SELECT done.message_id, count(*) AS n FROM done GROUP BY done.message_id) AS g
+        WHERE m.id = g.message_id
+          AND (SELECT count(*) FROM sb_deliveries o WHERE o.message_id = g.message_id) = g.n
+    )
+    SELECT done.message_id, done.subscription_id FROM done;
+$$;
+
 -- The audit records of a one-statement group, hashed by the broker: one record per message
 -- id, with the given event; all of them or an error (a lost record would break the chain).
 CREATE FUNCTION sb_audit_append(
@@ -85,26 +138,9 @@ BEGIN
         PERFORM count(pg_advisory_xact_lock(k))
         FROM (SELECT k FROM unnest(p_locks) AS k ORDER BY k) AS keys;
     END IF;
-    -- the same insert as the named query "publish" (securebroker/store/sql/queries.sql)
-    WITH m AS (
-        INSERT INTO sb_messages (id, topic_id, payload, attributes, content_type,
-                                 idempotency_key, ordering_key, producer, not_before,
-                                 expires_at, trace_context, published_at)
-        SELECT r.id, r.topic_id, r.payload, coalesce(r.attributes, '{}'), r.content_type,
-               r.idempotency_key, r.ordering_key, r.producer, r.not_before, r.expires_at,
-               coalesce(r.trace_context, '{}'), r.published_at
-        FROM unnest(p_id, p_topic, p_payload, p_attributes, p_content_type, p_idem_key,
-                    p_ordering_key, p_producer, p_not_before, p_expires_at, p_trace_context,
-                    p_published_at)
-            AS r (id, topic_id, payload, attributes, content_type, idempotency_key,
-                  ordering_key, producer, not_before, expires_at, trace_context, published_at)
-        RETURNING id, seq, topic_id, ordering_key, not_before, expires_at, published_at
-    )
-    INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, ordering_key,
-                               expires_at)
-    SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key,
-           m.expires_at
-    FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
+    PERFORM sb_insert_messages(p_id, p_topic, p_payload, p_attributes, p_content_type,
+                               p_idem_key, p_ordering_key, p_producer, p_not_before,
+                               p_expires_at, p_trace_context, p_published_at);
     IF p_chain IS NOT NULL THEN
         PERFORM sb_audit_append(p_chain, p_seq0, p_prev, 'published', p_id, a_at, a_ctx,
                                 a_trace, a_hash, c_cert, c_sub, c_addr, c_proto, c_topic,
@@ -114,8 +150,8 @@ BEGIN
 END
 $$;
 
--- Acks of a group in one statement, likewise: the named query "ack" plus one "acked" audit
--- record per ack. Every ack must
+-- Acks of a group in one statement, likewise: sb_ack_rows plus one "acked" audit record per
+-- ack. Every ack must
 -- still hold its lease; when one does not (a stale or repeated ack) it raises SQLSTATE SB002,
 -- nothing is kept, and the broker runs the group on the general path, which reports each
 -- stale ack on its own.
@@ -128,20 +164,7 @@ CREATE FUNCTION sb_ack_group(
 DECLARE
     acked integer;
 BEGIN
-    WITH req AS (
-        SELECT * FROM unnest(p_id, p_sub, p_token) AS r (message_id, subscription_id, lease_token)
-    ), done AS (
-        DELETE FROM sb_deliveries d USING req
-        WHERE d.message_id = req.message_id AND d.subscription_id = req.subscription_id
-          AND d.state = 1 AND d.lease_token = req.lease_token
-        RETURNING d.message_id, d.subscription_id
-    ), gone AS (
-        DELETE FROM sb_messages m
-        USING (SELECT message_id, count(*) AS n FROM done GROUP BY message_id) AS g
-        WHERE m.id = g.message_id
-          AND (SELECT count(*) FROM sb_deliveries o WHERE o.message_id = g.message_id) = g.n
-    )
-    SELECT count(*) INTO acked FROM done;
+    SELECT count(*) INTO acked FROM sb_ack_rows(p_id, p_sub, p_token);
     IF acked <> cardinality(p_id) THEN
         RAISE EXCEPTION 'an ack of this group no longer holds its lease' USING ERRCODE = 'SB002';
     END IF;

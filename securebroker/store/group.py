@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -146,52 +146,63 @@ class GroupCommitStore(PostgresStore):
         return jobs
 
     async def _run_publishes(self) -> None:
+        await self._commit_groups(self._publishes, self._publish_group_jobs, "group publish")
+
+    async def _run_acks(self) -> None:
+        await self._commit_groups(self._acks, self._ack_group_jobs, "ack")
+
+    async def _commit_groups(
+        self,
+        queue: asyncio.Queue[_Job[R]],
+        commit: Callable[[list[_Job[R]]], Awaitable[None]],
+        what: str,
+    ) -> None:
+        """A committer: take a group, commit it, forever. Failures that end a group are
+        decided here, once for every path: a database error (the outcome may be unknown: a
+        connection lost during COMMIT) fails every request unconfirmed and is never retried
+        here, where an unkeyed message could be stored twice; clients retry with the same
+        idempotency key. An unexpected error (a bug) does the same, and the committer lives
+        on: a dead one would leave every later request waiting forever."""
         while True:
-            jobs = await self._take(self._publishes)
-            flat: list[PreparedMessage] = [m for j in jobs for m in j.items]  # type: ignore[misc]
+            jobs = await self._take(queue)
             try:
-                # fresh messages (the usual case): one statement, one round trip
-                fast = await self.publish_group(flat)
+                await commit(jobs)
             except asyncio.CancelledError:
                 _fail(jobs, Unavailable("broker is shutting down"))
                 raise
-            except BrokerError:
-                fast = None  # a missing topic, say: the general path isolates the culprit
             except DB_ERRORS as exc:
-                _db_failed("group publish", jobs, exc)  # outcome maybe unknown: no retry here
-                continue
-            except Exception:  # noqa: BLE001 - a bug: fail the group (unconfirmed), keep going
-                _unexpected("group publish", jobs)
-                continue
-            if fast is not None:
-                self.stats.single_statement += 1
-                _resolve(jobs, fast)
-                continue
-            self.stats.general += 1
-            if len(jobs) == 1:
-                await self._publish_one(jobs[0])
-                continue
-            try:
-                async with self._tx() as (conn, events):
-                    results = await self.publish_in(conn, flat, self._retention, events)
-            except asyncio.CancelledError:
-                _fail(jobs, Unavailable("broker is shutting down"))
-                raise
-            except BrokerError:
-                # Raised by our own checks (an idempotency conflict, a missing topic) before
-                # COMMIT, so the shared transaction certainly rolled back: isolate the culprit
-                # by retrying each request in its own transaction.
-                self.stats.fallbacks += 1
-                for job in jobs:
-                    await self._publish_one(job)
-                continue
-            except DB_ERRORS as exc:
-                # The outcome may be unknown (connection lost during COMMIT): never retry here,
-                # where an unkeyed message could be stored twice. Fail every request in the
-                # group, unconfirmed; clients retry with the same idempotency key.
-                _db_failed("group publish", jobs, exc)
-                continue
-            _resolve(jobs, results)
+                _db_failed(what, jobs, exc)
+            except Exception:
+                log.exception("%s failed unexpectedly", what)
+                _fail(jobs, Unavailable("internal error; retry with the same idempotency key"))
+
+    async def _publish_group_jobs(self, jobs: list[_Job[PublishResult]]) -> None:
+        flat: list[PreparedMessage] = [m for j in jobs for m in j.items]  # type: ignore[misc]
+        try:
+            # fresh messages (the usual case): one statement, one round trip
+            fast = await self.publish_group(flat)
+        except BrokerError:
+            fast = None  # a missing topic, say: the general path isolates the culprit
+        if fast is not None:
+            self.stats.single_statement += 1
+            _resolve(jobs, fast)
+            return
+        self.stats.general += 1
+        if len(jobs) == 1:
+            await self._publish_one(jobs[0])
+            return
+        try:
+            async with self._tx() as (conn, events):
+                results = await self.publish_in(conn, flat, self._retention, events)
+        except BrokerError:
+            # Raised by our own checks (an idempotency conflict, a missing topic) before
+            # COMMIT, so the shared transaction certainly rolled back: isolate the culprit by
+            # retrying each request in its own transaction.
+            self.stats.fallbacks += 1
+            for job in jobs:
+                await self._publish_one(job)
+            return
+        _resolve(jobs, results)
 
     async def _publish_one(self, job: _Job[PublishResult]) -> None:
         try:
@@ -209,38 +220,18 @@ class GroupCommitStore(PostgresStore):
             if not job.future.done():
                 job.future.set_result(result)
 
-    async def _run_acks(self) -> None:
-        while True:
-            jobs = await self._take(self._acks)
-            flat: list[SettleRef] = [r for j in jobs for r in j.items]  # type: ignore[misc]
-            now = jobs[-1].now
-            assert now is not None
-            try:
-                # acks that all hold their leases (the usual case): one statement
-                fast = await self.ack_group(flat, now)
-            except asyncio.CancelledError:
-                _fail(jobs, Unavailable("broker is shutting down"))
-                raise
-            except DB_ERRORS as exc:
-                _db_failed("ack", jobs, exc)
-                continue
-            except Exception:  # noqa: BLE001 - a bug: fail the group (unconfirmed), keep going
-                _unexpected("ack", jobs)
-                continue
-            if fast is not None:
-                self.stats.single_statement_acks += 1
-                _resolve(jobs, fast)
-                continue
-            try:
-                async with self._tx() as (conn, events):
-                    results = await self.ack_in(conn, flat, now, events)
-            except asyncio.CancelledError:
-                _fail(jobs, Unavailable("broker is shutting down"))
-                raise
-            except DB_ERRORS as exc:
-                _db_failed("ack", jobs, exc)
-                continue
-            _resolve(jobs, results)
+    async def _ack_group_jobs(self, jobs: list[_Job[BrokerError | None]]) -> None:
+        flat: list[SettleRef] = [r for j in jobs for r in j.items]  # type: ignore[misc]
+        now = jobs[-1].now
+        assert now is not None
+        # acks that all hold their leases (the usual case): one statement
+        results = await self.ack_group(flat, now)
+        if results is not None:
+            self.stats.single_statement_acks += 1
+        else:
+            async with self._tx() as (conn, events):
+                results = await self.ack_in(conn, flat, now, events)
+        _resolve(jobs, results)
 
 
 def _resolve(jobs: Sequence[_Job[R]], results: Sequence[R]) -> None:
@@ -257,14 +248,6 @@ def _db_failed(what: str, jobs: Sequence[_Job[R]], exc: BaseException) -> None:
     """A database failure: every job in the group fails unconfirmed, as retryable."""
     log.warning("%s failed: %s", what, exc.__class__.__name__)
     _fail(jobs, Unavailable(f"database error: {exc.__class__.__name__}"))
-
-
-def _unexpected(what: str, jobs: Sequence[_Job[R]]) -> None:
-    """An unexpected error (a bug): logged with its traceback; every job fails unconfirmed and
-    retryable (its outcome is unknown, as after a lost connection), and the committer lives on:
-    a dead committer would leave every later request waiting forever."""
-    log.exception("%s failed unexpectedly", what)
-    _fail(jobs, Unavailable("internal error; retry with the same idempotency key"))
 
 
 def _fail(jobs: Sequence[_Job[R]], exc: BaseException) -> None:

@@ -6,7 +6,7 @@ It starts the broker as ``securebroker serve`` does (``load(CONFIG)``, the finge
 ``BrokerApp``, SIGTERM/SIGINT to stop) with a single change: ``BrokerApp`` builds
 ``CrashAfterCommitStore``, a ``GroupCommitStore`` whose pool hands out connections whose
 transactions report their COMMIT. The committers' code is the real one, untouched: in
-``GroupCommitStore._run_publishes`` (and ``_publish_one``) a group runs as
+``GroupCommitStore._publish_group_jobs`` (and ``_publish_one``) a group runs as
 
     async with self._tx() as (conn, events):
         results = await self.publish_in(conn, flat, self._retention, events)

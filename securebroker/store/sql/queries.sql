@@ -101,25 +101,9 @@ SELECT count(pg_advisory_xact_lock(k))
 FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS keys;
 
 -- name: publish
--- One message row, fanned out (by reference) into one delivery row per subscription.
--- Empty attribute maps arrive as NULL (cheaper to encode than '{}' per message).
-WITH m AS (
-    INSERT INTO sb_messages (id, topic_id, payload, attributes, content_type, idempotency_key,
-                             ordering_key, producer, not_before, expires_at, trace_context,
-                             published_at)
-    SELECT r.id, r.topic_id, r.payload, coalesce(r.attributes, '{}'), r.content_type,
-           r.idempotency_key, r.ordering_key, r.producer, r.not_before, r.expires_at,
-           coalesce(r.trace_context, '{}'), r.published_at
-    FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::jsonb[], $5::text[],
-                $6::text[], $7::text[], $8::text[], $9::timestamptz[],
-                $10::timestamptz[], $11::jsonb[], $12::timestamptz[])
-        AS r (id, topic_id, payload, attributes, content_type, idempotency_key, ordering_key,
-              producer, not_before, expires_at, trace_context, published_at)
-    RETURNING id, seq, topic_id, ordering_key, not_before, expires_at, published_at
-)
-INSERT INTO sb_deliveries (message_id, subscription_id, seq, available_at, ordering_key, expires_at)
-SELECT m.id, s.id, m.seq, coalesce(m.not_before, m.published_at), m.ordering_key, m.expires_at
-FROM m JOIN sb_subscriptions s ON s.topic_id = m.topic_id;
+-- Messages and their deliveries (migration 0005's sb_insert_messages, which the one-statement
+-- group shares).
+SELECT sb_insert_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 
 -- name: lease
 -- Runs on the lease pool (postgres.LEASE_SETTINGS: no WAL-flush wait, no bitmap scans).
@@ -161,24 +145,9 @@ JOIN sb_topics t ON t.id = m.topic_id
 ORDER BY l.seq;
 
 -- name: ack
--- Delete the deliveries the tokens still own; delete a message with its last delivery.
-WITH req AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[])
-        AS r (message_id, subscription_id, lease_token)
-), done AS (
-    DELETE FROM sb_deliveries d USING req
-    WHERE d.message_id = req.message_id AND d.subscription_id = req.subscription_id
-      AND d.state = 1 AND d.lease_token = req.lease_token
-    RETURNING d.message_id, d.subscription_id
-), gone AS (
-    -- Every data-modifying CTE sees the snapshot from before the statement, so the rows just
-    -- deleted are still counted: the message goes when all its live rows are in ``done``.
-    DELETE FROM sb_messages m
-    USING (SELECT message_id, count(*) AS n FROM done GROUP BY message_id) AS g
-    WHERE m.id = g.message_id
-      AND (SELECT count(*) FROM sb_deliveries o WHERE o.message_id = g.message_id) = g.n
-)
-SELECT message_id, subscription_id FROM done;
+-- Delete the deliveries the tokens still own; delete a message with its last delivery
+-- (migration 0005's sb_ack_rows, which the one-statement group shares).
+SELECT message_id, subscription_id FROM sb_ack_rows($1, $2, $3);
 
 -- name: nack_lock
 SELECT d.message_id, d.subscription_id, d.attempts
