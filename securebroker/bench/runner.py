@@ -253,14 +253,29 @@ def run_securebroker(
         result = sbdriver.run(full)
     _cpu(result, {"broker": broker_cpu.stop(), "postgres": pg_cpu.stop()})
     result["client"] = client
-    if result.get("error"):
-        return result
-    if spec["workload"] == "W5" and result["confirmed"]:
+    if not result.get("error") and spec["workload"] == "W5" and result["confirmed"]:
         # Measured after the drain: settled rows are deleted but the space is not returned
         # until vacuum, so this is the high-water mark per message, not steady state.
         after = asyncio.run(_db_size(sb.dsn))
         result["disk_bytes_per_message"] = round((after - before) / result["confirmed"])
+    _teardown(sb, topic)
     return result
+
+
+def _teardown(sb: SecureBrokerUnderTest, topic: str) -> None:
+    """Delete the workload's topic (its subscriptions and whatever messages are left, e.g.
+    W2's 200,000 never consumed) and vacuum, unmeasured, so every workload starts on a clean
+    database, as the peers' drivers start on fresh queues and delete them at the end."""
+    asyncio.run(_admin(sb, [("topic.delete", {"name": topic, "force": True})]))
+    asyncio.run(_vacuum(sb.dsn))
+
+
+async def _vacuum(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM (ANALYZE) sb_messages, sb_deliveries, sb_idempotency")
+    finally:
+        await conn.close()
 
 
 def _node_spec(full: dict[str, Any]) -> dict[str, Any]:
