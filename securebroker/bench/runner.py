@@ -172,12 +172,12 @@ level = "warning"
 {_audit_section(workdir, audit)}
 """
     )
-    log = (workdir / "broker.log").open("wb")
-    proc = subprocess.Popen(  # noqa: S603 - our own entry point
-        [sys.executable, "-m", "securebroker.cli", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with (workdir / "broker.log").open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(  # noqa: S603 - our own entry point
+            [sys.executable, "-m", "securebroker.cli", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + 30
     while time.time() < deadline:
         with socket.socket() as s:
