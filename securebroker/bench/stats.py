@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +41,17 @@ class Reservoir:
                 self.items[j] = value
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (0 if it is gone)."""
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """User + system CPU seconds of one process (0 if it is gone); with ``reaped``, plus those
+    of its children that have exited and been waited for (``cutime`` + ``cstime``)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICKS
 
 
 def children(pid: int) -> list[int]:
@@ -81,28 +85,27 @@ def pids_named(name: str) -> list[int]:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds consumed by a group of processes between ``start`` and ``stop``.
-
-    Short-lived processes (a backend that exits between samples) are missed; PostgreSQL
-    backends here live as long as the connection pools, so that is negligible.
-    """
+    """CPU seconds spent by ``roots`` between ``start`` and ``stop``. With ``include_children``
+    (a PostgreSQL postmaster), also by their children: the live ones read directly, and those
+    that exited in between (a client's backends when it disconnects, autovacuum workers)
+    through the root's reaped-children time, which the kernel adds when the root waits for
+    them. A child's time thus moves from one sum to the other and is counted once."""
 
     roots: tuple[int, ...]
     include_children: bool = False
-    _start: dict[int, float] | None = None
+    _start: float | None = None
 
-    def _pids(self) -> Iterable[int]:
+    def _total(self) -> float:
+        total = 0.0
         for r in self.roots:
-            yield r
+            total += cpu_seconds(r, reaped=self.include_children)
             if self.include_children:
-                yield from children(r)
+                total += sum(cpu_seconds(c) for c in children(r))
+        return total
 
     def start(self) -> None:
-        self._start = {p: cpu_seconds(p) for p in self._pids()}
+        self._start = self._total()
 
     def stop(self) -> float:
         assert self._start is not None
-        total = 0.0
-        for p in self._pids():
-            total += cpu_seconds(p) - self._start.get(p, 0.0)
-        return total
+        return self._total() - self._start

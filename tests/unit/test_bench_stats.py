@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from securebroker.bench.runner import markdown
-from securebroker.bench.stats import CpuMeter, Reservoir, cpu_seconds, percentiles
+from securebroker.bench.stats import TICKS, CpuMeter, Reservoir, cpu_seconds, percentiles
 
 
 def test_percentiles_pick_ranks() -> None:
@@ -29,6 +31,23 @@ def test_cpu_meter_sees_own_work() -> None:
     sum(i * i for i in range(300_000))
     assert meter.stop() > 0
     assert cpu_seconds(2**22 + 12345) == 0.0  # a pid that does not exist
+
+
+def test_cpu_meter_counts_children_that_exit_before_it_stops() -> None:
+    """A client's PostgreSQL backends (and autovacuum workers) come and go during a workload:
+    their CPU must be counted although they are gone when the meter stops."""
+    meter = CpuMeter((os.getpid(),), include_children=True)
+    before = os.times()
+    meter.start()
+    # a child that burns CPU and exits (waited for) while the meter runs
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    measured = meter.stop()
+    after = os.times()
+    child = (after.children_user + after.children_system) - (
+        before.children_user + before.children_system
+    )
+    assert child > 0
+    assert round(measured * TICKS) >= round(child * TICKS)  # in clock ticks: no float noise
 
 
 def test_markdown_rows_include_errors_and_numbers() -> None:
