@@ -32,6 +32,7 @@ from securebroker import embedded
 from securebroker.bench import authsetup, sbdriver
 from securebroker.bench.stats import CpuMeter, pids_named
 from securebroker.client import connect
+from securebroker.errors import BrokerError
 from securebroker.secrets import ensure_random_key
 from securebroker.store.migrate import create_database
 from securebroker.tls import ensure_dev_pki
@@ -258,16 +259,24 @@ def run_securebroker(
         # until vacuum, so this is the high-water mark per message, not steady state.
         after = asyncio.run(_db_size(sb.dsn))
         result["disk_bytes_per_message"] = round((after - before) / result["confirmed"])
-    _teardown(sb, topic)
+    problem = _teardown(sb, topic)
+    if problem is not None:  # reported, and the run goes on (the next workload has its own topic)
+        result["teardown_error"] = problem
+        print(f"[bench]   teardown of {topic} failed: {problem}", file=sys.stderr, flush=True)
     return result
 
 
-def _teardown(sb: SecureBrokerUnderTest, topic: str) -> None:
+def _teardown(sb: SecureBrokerUnderTest, topic: str) -> str | None:
     """Delete the workload's topic (its subscriptions and whatever messages are left, e.g.
     W2's 200,000 never consumed) and vacuum, unmeasured, so every workload starts on a clean
-    database, as the peers' drivers start on fresh queues and delete them at the end."""
-    asyncio.run(_admin(sb, [("topic.delete", {"name": topic, "force": True})]))
-    asyncio.run(_vacuum(sb.dsn))
+    database, as the peers' drivers start on fresh queues and delete them at the end. Returns
+    what went wrong (a broker that died during the workload, say), or None."""
+    try:
+        asyncio.run(_admin(sb, [("topic.delete", {"name": topic, "force": True})]))
+        asyncio.run(_vacuum(sb.dsn))
+    except (OSError, TimeoutError, BrokerError, asyncpg.PostgresError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
 
 
 async def _vacuum(dsn: str) -> None:

@@ -60,6 +60,12 @@ def test_a_workload_is_measured_then_its_topic_is_deleted(tmp_path: Path) -> Non
         assert asyncio.run(_rows(sb.dsn)) == dict.fromkeys(TABLES, 0)
         (deleted,) = asyncio.run(_audited_deletes(sb.dsn))  # an audited admin action
         assert deleted.startswith("bench.w2.")
+        # a broker that died during a workload: the teardown reports it instead of ending the
+        # whole run (which would lose every result so far)
+        sb.proc.kill()
+        sb.proc.wait(timeout=30)
+        problem = runner._teardown(sb, "bench.w3.gone")
+        assert problem is not None and problem.startswith("Unavailable: cannot connect")
     finally:
         sb.proc.terminate()
         sb.proc.wait(timeout=30)
