@@ -36,6 +36,18 @@ from securebroker.store.postgres import PostgresStore
 TEMPLATE = "sb_template"
 FP_KEY = b"test-fingerprint-key-0123456789ab"
 
+#: A trigger that fails the insert of any message whose payload is b"poison": a database
+#: failure injected into one request of a shared transaction (or one-statement group).
+POISON_TRIGGER = """
+CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.payload = 'poison'::bytea THEN RAISE EXCEPTION 'injected failure'; END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER poison BEFORE INSERT ON sb_messages
+  FOR EACH ROW EXECUTE FUNCTION poison();
+"""
+
 
 @dataclass
 class PgServer:

@@ -14,7 +14,7 @@ from securebroker.core.broker import Broker
 from securebroker.core.model import PublishRequest, SettleRef
 from securebroker.errors import IdempotencyConflict, StaleLease, Unavailable
 from securebroker.store.group import GroupCommitStore
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, POISON_TRIGGER
 
 
 @pytest.fixture
@@ -94,17 +94,7 @@ async def test_database_failure_fails_every_request_in_the_group(
     broker, store = grouped
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.execute(
-            """
-            CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-              IF NEW.payload = 'poison'::bytea THEN RAISE EXCEPTION 'injected failure'; END IF;
-              RETURN NEW;
-            END $$;
-            CREATE TRIGGER poison BEFORE INSERT ON sb_messages
-              FOR EACH ROW EXECUTE FUNCTION poison();
-            """
-        )
+        await conn.execute(POISON_TRIGGER)
         # Hold both committers busy so the next requests queue up and share one transaction.
         blocker = await asyncpg.connect(pg_dsn)
         await blocker.execute("BEGIN; LOCK TABLE sb_messages IN EXCLUSIVE MODE")

@@ -26,7 +26,7 @@ from securebroker.errors import StaleLease, TopicNotFound, Unavailable
 from securebroker.store.group import GroupCommitStore
 from securebroker.store.postgres import PostgresStore, ordering_lock_key
 from securebroker.store.sql import QUERIES as Q
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, POISON_TRIGGER
 
 ALICE = Actor(certificate="spiffe://pay/alice", subject="alice", address="10.0.0.1:5000",
               protocol="native")  # fmt: skip
@@ -139,17 +139,7 @@ async def test_a_missing_topic_fails_only_its_own_request(grouped: Grouped) -> N
 
 async def test_a_failed_statement_confirms_nothing_and_keeps_nothing(grouped: Grouped) -> None:
     g = grouped
-    await g.db.execute(
-        """
-        CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-          IF NEW.payload = 'poison'::bytea THEN RAISE EXCEPTION 'injected failure'; END IF;
-          RETURN NEW;
-        END $$;
-        CREATE TRIGGER poison BEFORE INSERT ON sb_messages
-          FOR EACH ROW EXECUTE FUNCTION poison();
-        """
-    )
+    await g.db.execute(POISON_TRIGGER)
     reqs = [PublishRequest("t", b"fine", idempotency_key=f"k{i}") for i in range(5)]
     reqs.insert(2, PublishRequest("t", b"poison", idempotency_key="p"))
     with pytest.raises(Unavailable):
