@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,13 +54,15 @@ def database_uri(server: Any, database: str) -> str:
 QUEUE_TUNING = {"autovacuum_naptime": "5s"}
 
 
-async def tune(admin_uri: str) -> None:
-    """Apply ``QUEUE_TUNING`` to an embedded server we own (ALTER SYSTEM + reload)."""
+async def tune(admin_uri: str, settings: Mapping[str, str] = QUEUE_TUNING) -> None:
+    """Apply ``settings`` (constants of ours, never input; ``QUEUE_TUNING`` by default) to an
+    embedded server we own (ALTER SYSTEM + reload; a setting read only at server start takes
+    effect at the next one)."""
     import asyncpg  # noqa: PLC0415
 
     conn = await asyncpg.connect(admin_uri)
     try:
-        for name, value in QUEUE_TUNING.items():
+        for name, value in settings.items():
             # names and values are constants above, never input
             await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
         await conn.execute("SELECT pg_reload_conf()")

