@@ -1067,7 +1067,10 @@ def _trail_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "origin": f"{r['origin_proto']} {r['origin_addr']}".strip(),
             "topic": r["topic"],
             "subscription": r["subscription"],
-            "message_id": r["message_id"],
+            # a batch record (ADR 0013) lists its messages: the search table says how many
+            "message_id": r["message_id"]
+            if r.get("message_ids") is None
+            else f"{len(r['message_ids'])} messages",
             "trace_id": r["trace_id"],
             "detail": r["detail"],
         }

@@ -4,7 +4,7 @@ recorded the same way wherever it happens. Builders take ids and names, never pa
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from securebroker.audit.record import (
@@ -46,6 +46,41 @@ def message_event(
         trace_id_of(trace_context) if trace_context else None,
         detail or _NO_DETAIL,
     )
+
+
+def batch(
+    event: Event,
+    at: datetime,
+    actor: Actor | None,
+    topic: str | None,
+    message_ids: Sequence[uuid.UUID | str],
+    trace_ids: Sequence[str | None],
+    *,
+    subscription: str | None = None,
+    detail: Mapping[str, Scalar] | None = None,
+) -> AuditEvent:
+    """One record of ``event`` for many messages: what one actor did to them, on one topic
+    (and subscription), in one transaction (ADR 0013). ``trace_ids`` is aligned with
+    ``message_ids``."""
+    return AuditEvent(
+        at,
+        event,
+        actor or UNKNOWN,
+        Outcome.SUCCESS,
+        topic,
+        subscription,
+        None,
+        None,
+        None,
+        detail or _NO_DETAIL,
+        message_ids,
+        trace_ids,
+    )
+
+
+def trace_ids(contexts: Iterable[Mapping[str, str] | None]) -> list[str | None]:
+    """The trace ids of messages with these trace contexts (None where there is none)."""
+    return [trace_id_of(c) if c else None for c in contexts]
 
 
 def admin(

@@ -102,19 +102,20 @@ class Lane:
             a = ev.actor
             # encoded once: the stored column, and (as raw JSON) inside the hashed bytes
             detail = _json(ev.detail) if ev.detail else b"{}"
+            ids, traces = ev.message_ids, ev.trace_ids
             h = chain_hash(
                 prev,
                 canonical(
                     chain, seq, at_us, ev.event, ev.outcome, a.certificate, a.subject,
                     a.address, a.protocol, ev.topic, ev.subscription, ev.message_id, ev.key_id,
-                    ev.trace_id, msgspec.Raw(detail),
+                    ev.trace_id, msgspec.Raw(detail), ids, traces,
                 ),
             )  # fmt: skip
             out.append(
                 (
                     chain, seq, at, ev.event, ev.outcome, a.certificate, a.subject, a.address,
                     a.protocol, ev.topic, ev.subscription, ev.message_id, ev.key_id, ev.trace_id,
-                    detail.decode() if ev.detail else None, prev, h,
+                    detail.decode() if ev.detail else None, prev, h, ids, traces,
                 )
             )  # fmt: skip
             prev = h
@@ -131,11 +132,12 @@ Row = tuple[Any, ...]
 COLUMNS = (
     "chain", "seq", "at", "event", "outcome", "actor_cert", "actor_sub", "origin_addr",
     "origin_proto", "topic", "subscription", "message_id", "key_id", "trace_id", "detail",
-    "prev_hash", "hash",
+    "prev_hash", "hash", "message_ids", "trace_ids",
 )  # fmt: skip
 
 
 def record_of(row: asyncpg.Record) -> AuditRecord:
+    ids = row["message_ids"]
     return AuditRecord(
         chain=row["chain"],
         seq=row["seq"],
@@ -154,6 +156,8 @@ def record_of(row: asyncpg.Record) -> AuditRecord:
         detail=_detail(row["detail"]),
         prev_hash=bytes(row["prev_hash"]),
         hash=bytes(row["hash"]),
+        message_ids=None if ids is None else tuple(str(x) for x in ids),
+        trace_ids=None if ids is None else tuple(row["trace_ids"] or ()),
     )
 
 

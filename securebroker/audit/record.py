@@ -13,6 +13,13 @@ record carries the hash of its predecessor, and its own hash covers that and eve
 The first record of chain ``c`` has ``prev_hash = genesis(c)``. ``canonical`` is JSON of a list
 in a fixed field order (times as integer microseconds since the epoch, ``detail`` with sorted
 keys), so the offline verifier recomputes exactly the bytes the broker hashed from an export.
+
+A *batch* record (format 2, ADR 0013) records one event for many messages at once: what one
+actor did to one topic (and subscription) in one transaction, e.g. the "published" of a group
+commit's messages from one connection. It carries ``message_ids`` and, aligned with them,
+``trace_ids`` instead of ``message_id``/``trace_id``; both lists are hashed, so removing a message
+from a batch breaks the record's hash like any other edit. Records of one message (format 1)
+are hashed exactly as before, so chains written before batches verify unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
@@ -28,6 +36,8 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 FORMAT: Final = 1
+#: the canonical form of a batch record (one event for many messages)
+BATCH_FORMAT: Final = 2
 _DOMAIN: Final = b"sb-audit-v1"
 _encode = msgspec.json.Encoder(order="sorted").encode
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -105,6 +115,9 @@ class AuditEvent(NamedTuple):
     key_id: str | None = None
     trace_id: str | None = None
     detail: Mapping[str, Scalar] = _NO_DETAIL
+    #: a batch record's messages (``message_id`` is then None), and their trace ids, aligned
+    message_ids: Sequence[uuid.UUID | str] | None = None
+    trace_ids: Sequence[str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +141,31 @@ class AuditRecord:
     detail: Mapping[str, Scalar]
     prev_hash: bytes
     hash: bytes
+    #: a batch record's messages and their trace ids (aligned); None on records of one message
+    message_ids: tuple[str, ...] | None = None
+    trace_ids: tuple[str | None, ...] | None = None
 
     @property
     def at(self) -> datetime:
         return from_us(self.at_us)
 
+    def messages(self) -> tuple[str, ...]:
+        """The ids of the messages this record is about (none, one, or a batch's)."""
+        if self.message_ids is not None:
+            return self.message_ids
+        return () if self.message_id is None else (self.message_id,)
+
+    def trace_of(self, message_id: str) -> str | None:
+        """The trace id recorded for ``message_id`` (in a batch: at its position)."""
+        if self.message_ids is None or self.trace_ids is None:
+            return self.trace_id if message_id == self.message_id else None
+        try:
+            return self.trace_ids[self.message_ids.index(message_id)]
+        except (ValueError, IndexError):
+            return None
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "chain": self.chain,
             "seq": self.seq,
             "at_us": self.at_us,
@@ -154,6 +185,10 @@ class AuditRecord:
             "prev_hash": self.prev_hash.hex(),
             "hash": self.hash.hex(),
         }
+        if self.message_ids is not None:  # format-1 records export exactly as before
+            out["message_ids"] = list(self.message_ids)
+            out["trace_ids"] = list(self.trace_ids or ())
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> AuditRecord:
@@ -177,6 +212,8 @@ class AuditRecord:
             detail=_detail(d.get("detail") or {}),
             prev_hash=bytes.fromhex(_str(d["prev_hash"])),
             hash=bytes.fromhex(_str(d["hash"])),
+            message_ids=_ids(d.get("message_ids")),
+            trace_ids=_traces(d.get("trace_ids"), d.get("message_ids")),
         )
 
 
@@ -210,9 +247,21 @@ def canonical(
     key_id: str | None,
     trace_id: str | None,
     detail: Mapping[str, Scalar] | msgspec.Raw,
+    message_ids: Sequence[uuid.UUID | str] | None = None,
+    trace_ids: Sequence[str | None] | None = None,
 ) -> bytes:
     """The hashed bytes. ``detail`` may be given already encoded (``msgspec.Raw`` of the same
-    sorted-key JSON), so the writer encodes it once for both the hash and the column."""
+    sorted-key JSON), so the writer encodes it once for both the hash and the column. A batch
+    record (``message_ids`` given) appends its message and trace ids under format 2 (a UUID
+    encodes as its canonical string, so the writer may pass UUIDs and the verifier strings)."""
+    if message_ids is not None:
+        return _encode(
+            [
+                BATCH_FORMAT, chain, seq, at_us, event, outcome, actor_cert, actor_sub,
+                origin_addr, origin_proto, topic, subscription, message_id, key_id, trace_id,
+                detail, message_ids, trace_ids,
+            ]
+        )  # fmt: skip
     return _encode(
         [
             FORMAT,
@@ -244,6 +293,8 @@ def seal(chain: int, seq: int, prev_hash: bytes, ev: AuditEvent) -> AuditRecord:
     at_us = to_us(ev.at)
     a = ev.actor
     detail = dict(ev.detail)
+    ids = _strs(ev.message_ids)
+    traces = None if ev.trace_ids is None else tuple(ev.trace_ids)
     body = canonical(
         chain,
         seq,
@@ -260,6 +311,8 @@ def seal(chain: int, seq: int, prev_hash: bytes, ev: AuditEvent) -> AuditRecord:
         ev.key_id,
         ev.trace_id,
         detail,
+        ids,
+        traces,
     )
     return AuditRecord(
         chain=chain,
@@ -279,6 +332,8 @@ def seal(chain: int, seq: int, prev_hash: bytes, ev: AuditEvent) -> AuditRecord:
         detail=detail,
         prev_hash=prev_hash,
         hash=chain_hash(prev_hash, body),
+        message_ids=ids,
+        trace_ids=traces,
     )
 
 
@@ -300,6 +355,8 @@ def recompute(r: AuditRecord) -> bytes:
         r.key_id,
         r.trace_id,
         r.detail,
+        r.message_ids,
+        r.trace_ids,
     )
     return chain_hash(r.prev_hash, body)
 
@@ -316,6 +373,28 @@ def trace_id_of(trace_context: Mapping[str, str]) -> str | None:
     if m is None or m.group(1) == "0" * 32:
         return None
     return m.group(1)
+
+
+def _strs(ids: Sequence[uuid.UUID | str] | None) -> tuple[str, ...] | None:
+    return None if ids is None else tuple(str(x) for x in ids)
+
+
+def _ids(v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise TypeError("message_ids must be a list")
+    return tuple(_str(x) for x in v)
+
+
+def _traces(v: Any, ids: Any) -> tuple[str | None, ...] | None:
+    if ids is None:
+        if v is not None:
+            raise TypeError("trace_ids without message_ids")
+        return None
+    if not isinstance(v, list) or len(v) != len(ids):
+        raise TypeError("trace_ids must be a list aligned with message_ids")
+    return tuple(_opt(x) for x in v)
 
 
 def _int(v: Any) -> int:

@@ -10,10 +10,10 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
@@ -53,6 +53,8 @@ from securebroker.errors import (
 )
 from securebroker.store.memory import STALE
 from securebroker.store.sql import QUERIES as Q
+
+T = TypeVar("T")
 
 #: Failures that come from the database or the connection to it (outcome possibly unknown).
 #: ``InternalClientError``: asyncpg's state error when a connection the server cut is reused.
@@ -495,17 +497,23 @@ class PostgresStore:
             assert r is not None
             out.append(r)
         if events is not None:
-            for m, r in zip(messages, out, strict=True):
-                events.append(
-                    ae.message_event(
-                        Event.DEDUPLICATED if r.duplicate else Event.PUBLISHED,
-                        m.published_at,
-                        m.actor,
-                        m.topic,
-                        r.message_id,
-                        trace_context=m.trace_context,
-                    )
+            # as the one-statement path records them: the published in batches, then each
+            # duplicate on its own (it may name a message published just above)
+            events += _published(
+                _by_connection(m for m, r in zip(messages, out, strict=True) if not r.duplicate)
+            )
+            events += [
+                ae.message_event(
+                    Event.DEDUPLICATED,
+                    m.published_at,
+                    m.actor,
+                    m.topic,
+                    r.message_id,
+                    trace_context=m.trace_context,
                 )
+                for m, r in zip(messages, out, strict=True)
+                if r.duplicate
+            ]
         return out
 
     async def publish_group(
@@ -517,6 +525,12 @@ class PostgresStore:
         way (``publish_in``). Same rows, same audit records, one round trip instead of five."""
         if not messages:
             return []
+        results = [PublishResult(m.id) for m in messages]
+        # one "published" record per connection and topic: the statement takes the messages
+        # of each record together, in their order (so each connection's order is kept)
+        batches = _by_connection(messages)
+        if len(batches) > 1:
+            messages = [m for b in batches for m in b]
         async with self._group_conn() as (conn, tx):
             topic_ids = [await self._topic_id(conn, m.topic) for m in messages]
             keys: set[tuple[int, str, str]] = set()
@@ -546,24 +560,10 @@ class PostgresStore:
                 [m.fingerprint for m in messages],
                 sorted(locks) if locks else None,
             ]
-            events = (
-                []
-                if self.audit is None
-                else [
-                    ae.message_event(
-                        Event.PUBLISHED,
-                        m.published_at,
-                        m.actor,
-                        m.topic,
-                        m.id,
-                        trace_context=m.trace_context,
-                    )
-                    for m in messages
-                ]
-            )
+            events = [] if self.audit is None else _published(batches)
             if not await self._one_statement(conn, tx, Q["publish_group"], args, events, CLAIMED):
                 return None
-        return [PublishResult(m.id) for m in messages]
+        return results
 
     @contextlib.asynccontextmanager
     async def _group_conn(self) -> AsyncIterator[tuple[Conn, _GroupTx]]:
@@ -722,25 +722,14 @@ class PostgresStore:
             results, todo = await self._resolve_refs(conn, refs)
             if len(todo) != len(refs):
                 return None
-            events = (
-                []
-                if self.audit is None
-                else [
-                    ae.message_event(
-                        Event.ACKED,
-                        now,
-                        ref.actor,
-                        sub.topic,
-                        ref.message_id,
-                        subscription=sub.name,
-                    )
-                    for ref, (_, sub) in zip(refs, todo, strict=True)
-                ]
-            )
+            # the statement takes the acks of each record together
+            batches = _by_consumer((refs[i], sub) for i, sub in todo)
+            events = [] if self.audit is None else _acked(batches, now)
+            pairs = [x for b in batches for x in b]
             args = (
-                [r.message_id for r in refs],
-                [sub.id for _, sub in todo],
-                [r.lease_token for r in refs],
+                [ref.message_id for ref, _ in pairs],
+                [sub.id for _, sub in pairs],
+                [ref.lease_token for ref, _ in pairs],
             )
             if not await self._one_statement(
                 conn, tx, Q["ack_group"], args, events, STALE_IN_GROUP
@@ -767,18 +756,11 @@ class PostgresStore:
             for i, s in todo:
                 if (refs[i].message_id, s.id) not in ok:
                     results[i] = StaleLease(STALE)
-                elif events is not None:
-                    ref = refs[i]
-                    events.append(
-                        ae.message_event(
-                            Event.ACKED,
-                            now,
-                            ref.actor,
-                            s.topic,
-                            ref.message_id,
-                            subscription=s.name,
-                        )
-                    )
+            if events is not None:
+                events += _acked(
+                    _by_consumer((refs[i], s) for i, s in todo if (refs[i].message_id, s.id) in ok),
+                    now,
+                )
         return results
 
     async def nack(
@@ -970,8 +952,9 @@ def _delivered(
     actor: Actor | None,
     subscription: str,
 ) -> None:
-    """A lease: "delivered" per message, preceded by "lease_expired" when the message was
-    still leased to a consumer whose lease ran out."""
+    """A lease: "lease_expired" for each message that was still leased to a consumer whose
+    lease ran out, then "delivered": one record per topic and attempt number, listing the
+    messages (ADR 0013)."""
     for r in rows:
         if r["prev_state"] == DeliveryState.LEASED:
             events.append(
@@ -980,16 +963,17 @@ def _delivered(
                     r["prev_consumer"],
                 )
             )  # fmt: skip
+    for b in _batches(rows, lambda r: (r["topic"], r["attempts"])):
         events.append(
-            ae.message_event(
+            ae.batch(
                 Event.DELIVERED,
                 now,
                 actor,
-                r["topic"],
-                r["message_id"],
+                b[0]["topic"],
+                [r["message_id"] for r in b],
+                ae.trace_ids(r["trace_context"] for r in b),
                 subscription=subscription,
-                trace_context=r["trace_context"],
-                detail={"attempt": r["attempts"]},
+                detail={"attempt": b[0]["attempts"]},
             )
         )
 
@@ -1131,17 +1115,20 @@ CLAIMED = "SB001"
 #: ``sb_ack_group`` raises this when an ack of the group no longer holds its lease
 STALE_IN_GROUP = "SB002"
 #: the audit arguments of ``sb_publish_group`` and ``sb_ack_group`` with auditing off
-_NO_AUDIT: tuple[None, ...] = (None,) * 13
+_NO_AUDIT: tuple[None, ...] = (None,) * 14
 
 
 def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
-    """``sb_publish_group``/``sb_ack_group``'s audit arguments from a lane's staged rows
-    (``COLUMNS`` order): chain, the sequence number before the first, the lane's head, then
-    per record its time, context (an index, 1-based, into the group's distinct contexts: actor,
-    topic and subscription, exactly as hashed), trace id and hash; then the contexts."""
+    """``sb_publish_group``/``sb_ack_group``'s audit arguments from a lane's staged batch
+    records (``COLUMNS`` order): chain, the sequence number before the first, the lane's head,
+    the trace ids of all the records' messages (in record order, which is the order of the
+    statement's messages); per record its time, context (an index, 1-based, into the group's
+    distinct contexts: actor, topic and subscription, exactly as hashed), message count and
+    hash; then the contexts."""
     contexts: dict[tuple[Any, ...], int] = {}
     at: list[datetime] = []
     ctx: list[int] = []
+    count: list[int] = []
     trace: list[str | None] = []
     hashes: list[bytes] = []
     for r in staged:
@@ -1151,19 +1138,80 @@ def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
             i = contexts[key] = len(contexts) + 1
         at.append(r[2])
         ctx.append(i)
-        trace.append(r[13])
+        count.append(len(r[17]))
+        trace.extend(r[18])
         hashes.append(r[16])
     first = staged[0]
     return (
         first[0],
         first[1] - 1,
         first[15],
+        trace,
         at,
         ctx,
-        trace,
+        count,
         hashes,
         *([c[j] for c in contexts] for j in range(6)),
     )
+
+
+def _published(batches: Iterable[Sequence[PreparedMessage]]) -> list[AuditEvent]:
+    """One "published" record per batch of ``_by_connection`` (ADR 0013), at the time of its
+    latest message."""
+    return [
+        ae.batch(
+            Event.PUBLISHED,
+            max(m.published_at for m in b),
+            b[0].actor,
+            b[0].topic,
+            [m.id for m in b],
+            ae.trace_ids(m.trace_context for m in b),
+        )
+        for b in batches
+    ]
+
+
+def _acked(
+    batches: Iterable[Sequence[tuple[SettleRef, _SubRow]]], now: datetime
+) -> list[AuditEvent]:
+    """One "acked" record per batch of ``_by_consumer`` (ADR 0013)."""
+    return [
+        ae.batch(
+            Event.ACKED,
+            now,
+            b[0][0].actor,
+            b[0][1].topic,
+            [ref.message_id for ref, _ in b],
+            [None] * len(b),
+            subscription=b[0][1].name,
+        )
+        for b in batches
+    ]
+
+
+def _by_connection(messages: Iterable[PreparedMessage]) -> list[list[PreparedMessage]]:
+    """Messages grouped by actor (one per connection) and topic: one audit record each."""
+    return _batches(messages, lambda m: (id(m.actor), m.topic))
+
+
+def _by_consumer(
+    pairs: Iterable[tuple[SettleRef, _SubRow]],
+) -> list[list[tuple[SettleRef, _SubRow]]]:
+    """Settles grouped by actor (one per connection) and subscription: one record each."""
+    return _batches(pairs, lambda x: (id(x[0].actor), x[1].id))
+
+
+def _batches(items: Iterable[T], key: Callable[[T], Hashable]) -> list[list[T]]:
+    """``items`` grouped by ``key``, groups in order of first appearance, items in order."""
+    groups: dict[Hashable, list[T]] = {}
+    for it in items:
+        k = key(it)
+        g = groups.get(k)
+        if g is None:
+            groups[k] = [it]
+        else:
+            g.append(it)
+    return list(groups.values())
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pytest
 
 from securebroker.audit.checkpoint import SigningKey
 from securebroker.audit.log import AuditLog, record_of
+from securebroker.audit.log import Q as AUDIT_Q
 from securebroker.audit.record import Actor, recompute
 from securebroker.clock import ManualClock
 from securebroker.core.broker import Broker
@@ -207,15 +208,21 @@ async def test_audit_records_of_the_statement_match_the_general_path(
     slow = await g.broker.publish_batch([req, req], actor=BOB)
     assert g.store.stats.single_statement >= 1 and g.store.stats.general == 1
     await chains_verify(g.db)
-    assert await published_records(g.db) == 6  # 4 + 1 published, 1 deduplicated
-    recs = {
-        r["message_id"]: r
-        for r in await g.db.fetch(
-            "SELECT * FROM sb_audit WHERE event = 'published' ORDER BY chain, seq"
-        )
-    }
+    # one "published" batch per actor (ADR 0013) on both paths: alice's 3 and bob's 1 on the
+    # statement, bob's 1 on the general path, whose duplicate has a record of its own
+    assert await published_records(g.db) == 4
+    rows = await g.db.fetch("SELECT * FROM sb_audit WHERE event = 'published' ORDER BY chain, seq")
+    assert sorted(len(r["message_ids"]) for r in rows) == [1, 1, 3]
+    recs = {}  # message id -> (its record, its trace id)
+    for r in rows:
+        assert r["message_id"] is None and r["trace_id"] is None
+        assert len(r["trace_ids"]) == len(r["message_ids"])
+        for mid, trace in zip(r["message_ids"], r["trace_ids"], strict=True):
+            recs[mid] = (r, trace)
+    # alice's record lists her messages in the order she published them
+    assert recs[fast[0].message_id][0]["message_ids"] == [x.message_id for x in fast[:3]]
     for res, actor in zip(fast, [ALICE, ALICE, ALICE, BOB], strict=True):
-        r = recs[res.message_id]
+        r = recs[res.message_id][0]
         assert (r["actor_cert"], r["actor_sub"], r["origin_addr"], r["origin_proto"]) == (
             actor.certificate,
             actor.subject,
@@ -229,14 +236,14 @@ async def test_audit_records_of_the_statement_match_the_general_path(
             None,
             None,
         )
-    assert recs[fast[0].message_id]["trace_id"] == recs[slow[0].message_id]["trace_id"]
-    assert recs[fast[0].message_id]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
-    assert recs[fast[1].message_id]["trace_id"] is None
+    assert recs[fast[0].message_id][1] == recs[slow[0].message_id][1]
+    assert recs[fast[0].message_id][1] == "0af7651916cd43dd8448eb211c80319c"
+    assert recs[fast[1].message_id][1] is None
     # time and sequence: one chain, in order, times never going back
     chain = [
         r
         for r in await g.db.fetch("SELECT chain, seq, at FROM sb_audit ORDER BY chain, seq")
-        if r["chain"] == recs[fast[0].message_id]["chain"]
+        if r["chain"] == recs[fast[0].message_id][0]["chain"]
     ]
     assert [r["seq"] for r in chain] == list(range(1, len(chain) + 1))
     assert all(a["at"] <= b["at"] for a, b in itertools.pairwise(chain))
@@ -261,16 +268,32 @@ async def test_acks_that_hold_their_leases_commit_in_one_statement(grouped: Grou
     if g.store.audit is not None:
         await chains_verify(g.db)
         rows = await g.db.fetch(
-            "SELECT message_id, topic, subscription, actor_cert, actor_sub, origin_addr,"
-            " origin_proto, outcome, trace_id, detail FROM sb_audit WHERE event = 'acked'"
+            "SELECT message_ids, trace_ids, message_id, topic, subscription, actor_cert,"
+            " actor_sub, origin_addr, origin_proto, outcome, trace_id, detail FROM sb_audit"
+            " WHERE event = 'acked' ORDER BY subscription"
         )
-        assert sorted((r["message_id"], r["subscription"]) for r in rows) == sorted(
-            [(d.message_id, "s") for d in ds] + [(d.message_id, "s2") for d in ds2]
-        )
-        assert {tuple(r.values())[1:] for r in rows} == {
-            ("t", sub, BOB.certificate, None, BOB.address, BOB.protocol, "success", None, None)
+        # one batch record per consumer and subscription, listing its acks in their order
+        assert [(r["message_ids"], r["trace_ids"]) for r in rows] == [
+            ([d.message_id for d in ds], [None] * 20),
+            ([d.message_id for d in ds2], [None] * 20),
+        ]
+        assert [dict(r) | {"message_ids": 0, "trace_ids": 0} for r in rows] == [
+            {
+                "message_ids": 0,
+                "trace_ids": 0,
+                "message_id": None,
+                "topic": "t",
+                "subscription": sub,
+                "actor_cert": BOB.certificate,
+                "actor_sub": None,
+                "origin_addr": BOB.address,
+                "origin_proto": BOB.protocol,
+                "outcome": "success",
+                "trace_id": None,
+                "detail": None,
+            }
             for sub in ("s", "s2")
-        }
+        ]
 
 
 async def test_a_stale_ack_rolls_back_the_statement_and_each_ack_gets_its_own_answer(
@@ -294,8 +317,12 @@ async def test_a_stale_ack_rolls_back_the_statement_and_each_ack_gets_its_own_an
     )
     if g.store.audit is not None:
         await chains_verify(g.db)
-        acked = await g.db.fetchval("SELECT count(*) FROM sb_audit WHERE event = 'acked'")
-        assert acked == 5  # one per ack that took effect, none for the refused statement
+        acked = await g.db.fetchval(
+            "SELECT array_agg(cardinality(message_ids)) FROM sb_audit WHERE event = 'acked'"
+        )
+        # a batch per ack group that took effect (the first, then the general path's four),
+        # nothing of the refused statement
+        assert sorted(acked) == [1, 4]
 
 
 # -- regressions found in review ----------------------------------------------------------------
@@ -448,3 +475,94 @@ async def test_a_connection_lost_mid_statement_retires_the_lane(
     assert not result[0].duplicate
     assert await published_records(g.db) == 1
     await chains_verify(g.db)
+
+
+AUDIT_APPEND = (
+    "SELECT sb_audit_append(99, 0, $1, 'published', $2, $3, $4, $5, $6, $7,"
+    " ARRAY['c'], ARRAY[NULL], ARRAY['a'], ARRAY['native'], ARRAY['t'], ARRAY[NULL])"
+)
+
+
+@pytest.mark.parametrize(
+    ("counts_", "traces"),
+    [([2], 3), ([1, 3], 3), ([0, 3], 3), ([3], 2), ([1, None], 3)],
+    ids=["too-few", "too-many", "empty-record", "traces-short", "null-count"],
+)
+async def test_batch_records_that_do_not_cover_the_group_are_refused(
+    grouped: Grouped, counts_: list[int | None], traces: int
+) -> None:
+    """The statement refuses batch records that leave a message unrecorded, name one twice,
+    or misalign its trace ids (ADR 0013): a group is recorded whole or not at all."""
+    g = grouped
+    ids = [uuid.uuid4() for _ in range(3)]
+    n = len(counts_)
+    with pytest.raises(asyncpg.RaiseError, match="do not cover"):
+        await g.db.execute(
+            AUDIT_APPEND, b"p", ids, [None] * traces, [datetime.now(UTC)] * n, [1] * n,
+            counts_, [b"h%d" % i for i in range(n)],
+        )  # fmt: skip
+    assert await g.db.fetchval("SELECT count(*) FROM sb_audit WHERE chain = 99") == 0
+    # the same group, covered exactly: one row per record, each with its slice of the group
+    await g.db.execute(
+        AUDIT_APPEND, b"p", ids, [None, "x", None], [datetime.now(UTC)] * 2, [1, 1], [1, 2],
+        [b"h1", b"h2"],
+    )  # fmt: skip
+    rows = await g.db.fetch(
+        "SELECT seq, message_ids, trace_ids, prev_hash, hash FROM sb_audit WHERE chain = 99"
+        " ORDER BY seq"
+    )
+    assert [tuple(r) for r in rows] == [
+        (1, ids[:1], [None], b"p", b"h1"),
+        (2, ids[1:], ["x", None], b"h1", b"h2"),
+    ]
+
+
+@pytest.mark.parametrize("grouped", ["audit"], indirect=True)
+async def test_the_trail_finds_a_message_inside_a_batch_record(grouped: Grouped) -> None:
+    g = grouped
+    results = await g.broker.publish_batch(
+        [PublishRequest("t", b"%d" % i) for i in range(10)], actor=ALICE
+    )
+    assert g.store.audit is not None
+    trail = await g.store.audit.trail(results[6].message_id)
+    assert [(r.event, r.messages()) for r in trail] == [
+        ("published", tuple(str(r.message_id) for r in results))
+    ]
+    assert recompute(trail[0]) == trail[0].hash
+    # through the array index, not a scan of the log
+    await g.db.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r[0]
+        for r in await g.db.fetch("EXPLAIN " + AUDIT_Q["audit_trail"], results[6].message_id, 10)
+    )
+    assert "message_ids_idx" in plan and "Seq Scan" not in plan, plan
+
+
+@pytest.mark.parametrize("grouped", ["audit"], indirect=True)
+async def test_a_lease_records_one_delivered_batch_per_attempt(
+    grouped: Grouped, clock: ManualClock
+) -> None:
+    g = grouped
+    results = await g.broker.publish_batch([PublishRequest("t", b"%d" % i) for i in range(5)])
+    ids = [r.message_id for r in results]
+    first = await g.broker.receive("s", 3, actor=BOB)
+    clock.advance(3600)  # the three leases run out
+    again = await g.broker.receive("s", 5, actor=BOB)
+    assert sorted(d.message_id for d in again) == sorted(ids)
+    await chains_verify(g.db)
+    rows = await g.db.fetch(
+        "SELECT event, message_id, message_ids, detail::jsonb->>'attempt' AS attempt"
+        " FROM sb_audit WHERE event IN ('delivered', 'lease_expired') ORDER BY chain, seq"
+    )
+    got = [(r["event"], r["message_id"], r["message_ids"], r["attempt"]) for r in rows]
+    leased = [d.message_id for d in first]
+    second = {d.message_id: d.attempt for d in again}
+    assert got[0] == ("delivered", None, leased, "1")
+    # the second lease: each expired lease on its own, then a batch per attempt number
+    expired = [x for x in got[1:] if x[0] == "lease_expired"]
+    assert sorted(x[1] for x in expired) == sorted(leased)
+    assert got[1 : 1 + len(expired)] == expired
+    batches = {x[3]: x[2] for x in got[1 + len(expired) :]}
+    assert set(batches) == {"1", "2"} and all(x[0] == "delivered" for x in got[4:])
+    assert sorted(batches["2"]) == sorted(m for m, a in second.items() if a == 2)
+    assert sorted(batches["1"]) == sorted(m for m, a in second.items() if a == 1)

@@ -39,6 +39,10 @@ def events(n: int) -> list[Any]:
             )  # fmt: skip
         else:
             out.append(ae.security(Event.AUTHORIZATION_DENIED, at, ACTOR, "no rule", action="x"))
+        if i % 5 == 4:  # a batch record (ADR 0013), with UUIDs as the writer passes them
+            ids = [uuid.uuid4() for _ in range(i % 7 + 1)]
+            traces = [None if j % 2 else "ab" * 16 for j in range(len(ids))]
+            out.append(ae.batch(Event.ACKED, at, ACTOR, "t", ids, traces, subscription="s"))
     return out
 
 
@@ -64,6 +68,9 @@ def as_record(row: tuple[Any, ...]) -> AuditRecord:
         detail=json.loads(d["detail"]) if d["detail"] else {},
         prev_hash=d["prev_hash"],
         hash=d["hash"],
+        # as read back from the table (record_of): uuid[] and text[] columns
+        message_ids=None if d["message_ids"] is None else tuple(str(x) for x in d["message_ids"]),
+        trace_ids=None if d["trace_ids"] is None else tuple(d["trace_ids"]),
     )
 
 
@@ -79,6 +86,7 @@ def test_staged_rows_hash_exactly_as_the_reference_seal() -> None:
         # and what is stored recomputes to the stored hash (what `audit verify` does)
         assert recompute(as_record(row)) == ref.hash
         prev = ref.hash
+    assert sum(r[COLUMNS.index("message_ids")] is not None for r in rows) == 6
 
 
 def test_the_head_moves_only_after_a_commit() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -258,6 +259,87 @@ def test_edited_middle_record_is_altered(tmp_path: Path) -> None:
     report = check(tmp_path, records, cps)
     assert kinds(report) == [(1, 7, "altered")]
     assert "changed" in first(report).message
+
+
+def batch_trail() -> tuple[list[AuditRecord], list[Checkpoint]]:
+    """Chain 1 of 6 records, every other one a batch record (ADR 0013), signed at the end."""
+    out: list[AuditRecord] = []
+    prev = genesis(1)
+    for seq in range(1, 7):
+        ids = [f"00000000-0000-0000-0001-{seq:06d}{j:06d}" for j in range(seq)]
+        ev = AuditEvent(
+            at=T0 + timedelta(seconds=seq),
+            event=Event.DELIVERED,
+            actor=WRITER,
+            topic="orders",
+            subscription="ledger",
+            detail={"attempt": 1},
+            **(
+                {"message_ids": ids, "trace_ids": ["ab" * 16] + [None] * (seq - 1)}
+                if seq % 2
+                else {"message_id": ids[0]}
+            ),
+        )
+        out.append(seal(1, seq, prev, ev))
+        prev = out[-1].hash
+    inst = Instance("broker-a")
+    inst.sign([out[-1]], final=True)
+    return out, inst.signed
+
+
+def test_batch_records_verify_and_round_trip(tmp_path: Path) -> None:
+    records, cps = batch_trail()
+    report = check(tmp_path, records, cps)
+    assert report.ok, report.format_text()
+    assert report.records == 6
+    back = [r for r in read_bundle(write_bundle(tmp_path / "b", records, cps)).records]
+    assert sorted(back, key=lambda r: r.seq) == records
+    # a record of one message exports exactly as before batches existed
+    assert "message_ids" not in records[1].to_json()
+    assert records[4].messages() == records[4].message_ids and len(records[4].messages()) == 5
+    assert records[4].trace_of(records[4].messages()[0]) == "ab" * 16
+    assert records[4].trace_of(records[4].messages()[1]) is None
+    assert records[1].messages() == (records[1].message_id,)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: dataclasses.replace(
+            r, message_ids=r.message_ids[:-1], trace_ids=r.trace_ids[:-1]
+        ),
+        lambda r: dataclasses.replace(r, message_ids=r.message_ids[::-1]),
+        lambda r: dataclasses.replace(
+            r, message_ids=(*r.message_ids[:-1], "00000000-0000-0000-0000-00000000dead")
+        ),
+        lambda r: dataclasses.replace(r, trace_ids=(None,) * len(r.trace_ids)),
+        # a batch turned into a record of its first message alone
+        lambda r: dataclasses.replace(
+            r, message_id=r.message_ids[0], message_ids=None, trace_ids=None
+        ),
+    ],
+    ids=["message-removed", "reordered", "message-replaced", "trace-erased", "unbatched"],
+)
+def test_any_edit_of_a_batch_record_is_altered(tmp_path: Path, edit: Any) -> None:
+    records, cps = batch_trail()
+    records[4] = edit(records[4])  # seq 5: a batch of five
+    report = check(tmp_path, records, cps)
+    assert kinds(report) == [(1, 5, "altered")]
+
+
+def test_a_batch_record_whose_trace_ids_do_not_align_is_malformed(tmp_path: Path) -> None:
+    records, cps = batch_trail()
+    path = write_bundle(tmp_path / "b.jsonl", records, cps)
+    lines = path.read_text().splitlines()
+    i = next(n for n, line in enumerate(lines) if '"seq":5' in line.replace(" ", ""))
+    rec = json.loads(lines[i])
+    rec["trace_ids"] = rec["trace_ids"][:-1]
+    lines[i] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    report = verify_bundle(read_bundle(path), [KEY.public_bytes()])
+    mal = [p for p in report.problems if p.kind == "malformed"]
+    assert len(mal) == 1 and "trace_ids" in mal[0].message
+    assert (1, 5, "missing") in kinds(report)  # and its place in the chain is a gap
 
 
 def test_edited_and_rehashed_record_breaks_the_next_link(tmp_path: Path) -> None:

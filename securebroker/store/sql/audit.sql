@@ -31,15 +31,20 @@ ORDER BY instance, n;
 
 -- name: audit_trail
 SELECT chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr, origin_proto, topic,
-       subscription, message_id, key_id, trace_id, detail, prev_hash, hash
-FROM sb_audit WHERE message_id = $1
+       subscription, message_id, key_id, trace_id, detail, prev_hash, hash, message_ids,
+       trace_ids
+FROM sb_audit
+-- a record of this message alone, or a batch record that lists it (ADR 0013); each condition
+-- has its own index (sb_audit_message, sb_audit_messages)
+WHERE message_id = $1 OR (message_ids IS NOT NULL AND message_ids @> ARRAY[$1::uuid])
 ORDER BY at, chain, seq
 LIMIT $2;
 
 -- name: audit_search
 -- Filters are optional (NULL matches all); pages continue after the (at, chain, seq) cursor.
 SELECT chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr, origin_proto, topic,
-       subscription, message_id, key_id, trace_id, detail, prev_hash, hash
+       subscription, message_id, key_id, trace_id, detail, prev_hash, hash, message_ids,
+       trace_ids
 FROM sb_audit
 WHERE at >= $1 AND at < $2
   AND ($3::text IS NULL OR actor_cert = $3 OR actor_sub = $3)
@@ -52,7 +57,8 @@ LIMIT $9;
 -- name: audit_export
 -- One page of an export: records of [since, until) in chain order after the (chain, seq) cursor.
 SELECT chain, seq, at, event, outcome, actor_cert, actor_sub, origin_addr, origin_proto, topic,
-       subscription, message_id, key_id, trace_id, detail, prev_hash, hash
+       subscription, message_id, key_id, trace_id, detail, prev_hash, hash, message_ids,
+       trace_ids
 FROM sb_audit
 WHERE at >= $1 AND at < $2 AND (chain, seq) > ($3::bigint, $4::bigint)
 ORDER BY chain, seq

@@ -285,12 +285,13 @@ WHERE subscription_id = $1 AND (state = 2) = $2
 RETURNING message_id;
 
 -- name: publish_group
--- A whole group commit in one statement (migration 0005: fresh messages only; SQLSTATE SB001
--- when a key is already claimed, and nothing is kept).
+-- A whole group commit in one statement (migrations 0005 and 0006: fresh messages only;
+-- SQLSTATE SB001 when a key is already claimed, and nothing is kept).
 SELECT sb_publish_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                        $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28);
+                        $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29);
 
 -- name: ack_group
--- A group's acks in one statement (migration 0005: every ack must hold its lease; SQLSTATE
--- SB002 otherwise, and nothing is kept).
-SELECT sb_ack_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16);
+-- A group's acks in one statement (migrations 0005 and 0006: every ack must hold its lease;
+-- SQLSTATE SB002 otherwise, and nothing is kept).
+SELECT sb_ack_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                    $17);
