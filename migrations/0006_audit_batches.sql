@@ -27,9 +27,10 @@ DROP FUNCTION sb_audit_append(
 
 -- The batch records of a one-statement group, hashed by the broker's lane: record i covers the
 -- next r_count[i] messages of p_id (the broker orders the group's messages by record), with
--- their trace ids from a_trace (aligned with p_id); its context (actor, topic, subscription:
--- exactly the values hashed) is c_*[r_ctx[i]]. Every message must be covered exactly once and
--- every record inserted, or the statement fails and nothing is kept.
+-- their trace ids from a_trace (aligned with p_id; NULL when no message has one); its context
+-- (actor, topic, subscription: exactly the values hashed) is c_*[r_ctx[i]]. Every message must
+-- be covered exactly once and every record inserted, or the statement fails and nothing is
+-- kept.
 CREATE FUNCTION sb_audit_append(
     p_chain bigint, p_seq0 bigint, p_prev bytea, p_event text, p_id uuid[], a_trace text[],
     r_at timestamptz[], r_ctx integer[], r_count integer[], r_hash bytea[], c_cert text[],
@@ -38,7 +39,11 @@ CREATE FUNCTION sb_audit_append(
 DECLARE
     recorded integer;
 BEGIN
-    IF cardinality(a_trace) <> cardinality(p_id)
+    IF (a_trace IS NOT NULL AND cardinality(a_trace) <> cardinality(p_id))
+       -- one count, time, context and hash per record (unnest pads shorter arrays with NULLs)
+       OR cardinality(r_hash) IS DISTINCT FROM cardinality(r_count)
+       OR cardinality(r_at) IS DISTINCT FROM cardinality(r_count)
+       OR cardinality(r_ctx) IS DISTINCT FROM cardinality(r_count)
        OR (SELECT coalesce(sum(x), 0) FROM unnest(r_count) AS x) <> cardinality(p_id)
        OR EXISTS (SELECT 1 FROM unnest(r_count) AS x WHERE x IS NULL OR x < 1) THEN
         RAISE EXCEPTION 'audit records of this group do not cover its messages';
@@ -48,7 +53,7 @@ BEGIN
                           hash)
     SELECT p_chain, p_seq0 + r.n, r.at, p_event, 'success', c.cert, c.sub, c.addr, c.proto,
            c.topic, c.subscription, p_id[r.upto - r.cnt + 1 : r.upto],
-           a_trace[r.upto - r.cnt + 1 : r.upto],
+           coalesce(a_trace[r.upto - r.cnt + 1 : r.upto], array_fill(NULL::text, ARRAY[r.cnt])),
            coalesce(lag(r.hash) OVER (ORDER BY r.n), p_prev), r.hash
     FROM (SELECT x.*, sum(x.cnt) OVER (ORDER BY x.n) AS upto
           FROM unnest(r_at, r_ctx, r_count, r_hash) WITH ORDINALITY AS x (at, ctx, cnt, hash, n)

@@ -1106,6 +1106,12 @@ def audit_trail(message_id: str, as_json: bool, **kw: Any) -> None:
         first = records[0]
         click.echo(f"message {message_id}  topic {first['topic']}")
         click.echo(_table(_trail_rows(records), TRAIL_COLUMNS))
+    if result.get("truncated"):
+        click.echo(
+            f"(the first {len(records)} records only: use `audit search` or `audit export`"
+            " for the rest)",
+            err=True,
+        )
 
 
 @audit_group.command("search")

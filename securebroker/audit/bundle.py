@@ -3,7 +3,7 @@
 A bundle is JSON Lines (gzip-compressed when the file name ends with ``.gz``; reading detects gzip
 by its magic bytes, whatever the name)::
 
-    {"type": "header", "format": 1, "created_at": "<ISO 8601>", "since": "<ISO 8601>" | null,
+    {"type": "header", "format": 2, "created_at": "<ISO 8601>", "since": "<ISO 8601>" | null,
      "until": "<ISO 8601>" | null, "source": "...",
      "public_keys": [{"key_id": "<16 hex>", "public_key": "<hex of the raw 32-byte key>"}]}
     {"type": "record", ...AuditRecord.to_json()}
@@ -48,7 +48,11 @@ from securebroker.audit.record import AuditRecord
 
 __all__ = ["Bundle", "BundleError", "BundleHeader", "BundleWriter", "read_bundle"]
 
-FORMAT: Final = 1
+#: bundles are written in format 2: records may be batch records (ADR 0013), which a
+#: format-1 verifier would misread as altered, so it must refuse the bundle instead
+FORMAT: Final = 2
+#: formats this verifier reads (format 1: records of one message only)
+READABLE: Final = (1, 2)
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _encode = msgspec.json.Encoder().encode
 
@@ -349,8 +353,8 @@ def _parse_header(path: Path, line: bytes, malformed: list[tuple[int, str]]) -> 
     if not isinstance(doc, dict) or doc.get("type") != "header":
         raise bad("line 1 is not a bundle header (is this an audit export?)")
     fmt = doc.get("format")
-    if type(fmt) is not int or fmt != FORMAT:
-        raise bad(f"unsupported bundle format {fmt!r} (this verifier reads format {FORMAT})")
+    if type(fmt) is not int or fmt not in READABLE:
+        raise bad(f"unsupported bundle format {fmt!r} (this verifier reads formats 1 and 2)")
     created_at = _time(doc.get("created_at"), "created_at", bad, optional=False)
     assert created_at is not None
     since = _time(doc.get("since"), "since", bad, optional=True)

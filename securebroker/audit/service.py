@@ -12,14 +12,21 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from securebroker.audit.log import AuditLog
-from securebroker.audit.record import Actor, AuditEvent, Event, Scalar
+from securebroker.audit.record import Actor, AuditEvent, AuditRecord, Event, Scalar
 from securebroker.errors import ValidationError
+from securebroker.protocol.frames import FRAME_OVERHEAD, MAX_FRAME
 from securebroker.server.admin import Handler
 
 MAX_PAGE = 1000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_TRAIL = 10_000
+#: the bytes of records one reply may carry: a batch record (ADR 0013) lists up to a group's
+#: messages, so a page is cut by size too, to fit one ADMIN_RESULT frame of a default client
+PAGE_BYTES = MAX_FRAME - FRAME_OVERHEAD
+_size = msgspec.msgpack.Encoder().encode
 
 
 class AuditService:
@@ -48,9 +55,10 @@ class AuditService:
 
     async def _trail(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         mid = _uuid(args, "message_id")
-        records = await self.log.trail(mid, MAX_TRAIL)
+        records, cut = _fit(await self.log.trail(mid, MAX_TRAIL))
         self._accessed(actor, "audit.trail", message_id=str(mid))
-        return {"records": [r.to_json() for r in records]}
+        # a trail has no pages: one cut by size says so (search and export have the rest)
+        return {"records": [r.to_json() for r in records], "truncated": cut}
 
     async def _search(self, args: Mapping[str, Any], actor: Actor | None) -> Any:
         since, until = _range(args)
@@ -71,6 +79,7 @@ class AuditService:
             after=cursor,
             limit=limit,
         )
+        records, cut = _fit(records)
         # every page is an access (a first page can be asked for with any cursor)
         self._accessed(
             actor,
@@ -79,7 +88,7 @@ class AuditService:
             **{k: v[:256] for k, v in filters.items() if v},
         )
         nxt = None
-        if len(records) == limit:
+        if len(records) == limit or cut:
             last = records[-1]
             nxt = [last.at.isoformat(), last.chain, last.seq]
         return {"records": [r.to_json() for r in records], "next": nxt}
@@ -93,7 +102,7 @@ class AuditService:
             if not (isinstance(after, list) and len(after) == 2):
                 raise ValidationError("argument 'after' must be [chain, seq]")
             cursor = (_int(after[0], "after"), _int(after[1], "after"))
-        records = await self.log.export_page(since, until, cursor, limit)
+        records, cut = _fit(await self.log.export_page(since, until, cursor, limit))
         self._accessed(
             actor,
             "audit.export",
@@ -101,7 +110,7 @@ class AuditService:
             until=until.isoformat(),
             page=len(records),
         )
-        nxt = [records[-1].chain, records[-1].seq] if len(records) == limit else None
+        nxt = [records[-1].chain, records[-1].seq] if len(records) == limit or cut else None
         return {"records": [r.to_json() for r in records], "next": nxt}
 
     async def _kept_range(self, args: Mapping[str, Any]) -> tuple[datetime, datetime]:
@@ -134,6 +143,17 @@ class AuditService:
             "checkpoints": [c.to_json() for c in cps],
             "public_keys": [{"key_id": k, "public_key": pk.hex()} for k, pk in keys],
         }
+
+
+def _fit(records: list[AuditRecord]) -> tuple[list[AuditRecord], bool]:
+    """The first records of a page that fit in ``PAGE_BYTES`` (at least one), and whether the
+    page was cut short (the reply then names where the next page starts)."""
+    total = 0
+    for i, r in enumerate(records):
+        total += len(_size(r.to_json()))
+        if total > PAGE_BYTES and i > 0:
+            return records[:i], True
+    return records, False
 
 
 def _uuid(args: Mapping[str, Any], key: str) -> uuid.UUID:

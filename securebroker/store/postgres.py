@@ -476,14 +476,14 @@ class PostgresStore:
                 [m.id for _, m in new],
                 [topic_ids[i] for i, _ in new],
                 [m.payload for _, m in new],
-                [m.attributes or None for _, m in new],
+                _column([m.attributes or None for _, m in new]),
                 [m.content_type for _, m in new],
-                [m.idempotency_key for _, m in new],
-                [m.ordering_key for _, m in new],
+                _column([m.idempotency_key for _, m in new]),
+                _column([m.ordering_key for _, m in new]),
                 [m.producer for _, m in new],
-                [m.not_before for _, m in new],
-                [m.expires_at for _, m in new],
-                [m.trace_context or None for _, m in new],
+                _column([m.not_before for _, m in new]),
+                _column([m.expires_at for _, m in new]),
+                _column([m.trace_context or None for _, m in new]),
                 [m.published_at for _, m in new],
             )
             for i, m in new:
@@ -547,14 +547,14 @@ class PostgresStore:
                 [m.id for m in messages],
                 topic_ids,
                 [m.payload for m in messages],
-                [m.attributes or None for m in messages],
+                _column([m.attributes or None for m in messages]),
                 [m.content_type for m in messages],
-                [m.idempotency_key for m in messages],
-                [m.ordering_key for m in messages],
+                _column([m.idempotency_key for m in messages]),
+                _column([m.ordering_key for m in messages]),
                 [m.producer for m in messages],
-                [m.not_before for m in messages],
-                [m.expires_at for m in messages],
-                [m.trace_context or None for m in messages],
+                _column([m.not_before for m in messages]),
+                _column([m.expires_at for m in messages]),
+                _column([m.trace_context or None for m in messages]),
                 [m.published_at for m in messages],
                 [m.producer_scope for m in messages],
                 [m.fingerprint for m in messages],
@@ -1146,7 +1146,7 @@ def _audit_args(staged: Sequence[Row]) -> tuple[Any, ...]:
         first[0],
         first[1] - 1,
         first[15],
-        trace,
+        _column(trace),
         at,
         ctx,
         count,
@@ -1199,6 +1199,17 @@ def _by_consumer(
 ) -> list[list[tuple[SettleRef, _SubRow]]]:
     """Settles grouped by actor (one per connection) and subscription: one record each."""
     return _batches(pairs, lambda x: (id(x[0].actor), x[1].id))
+
+
+def _column(values: list[T]) -> list[T] | None:
+    """A per-message array argument of a group statement, or None when every value is None:
+    asyncpg checks each element of an array for nesting (an ``isinstance`` against three ABCs:
+    a few percent of the broker's CPU), and ``unnest`` pads a NULL array with NULLs, so the
+    rows are the same."""
+    for v in values:
+        if v is not None:
+            return values
+    return None
 
 
 def _batches(items: Iterable[T], key: Callable[[T], Hashable]) -> list[list[T]]:

@@ -22,6 +22,7 @@ from test_audit_trail import cli_args, next_message, run_cli
 from securebroker.audit.checkpoint import Checkpoint
 from securebroker.audit.log import record_of
 from securebroker.audit.record import recompute
+from securebroker.core.model import PublishRequest
 
 pytestmark = pytest.mark.asyncio
 
@@ -254,3 +255,22 @@ async def test_a_window_that_lost_its_first_records_is_caught(
     code, report = await export_and_verify(h, cut, "--since", since.isoformat())
     assert code == 1, (chain, first, report)
     assert first_problem(report) == ("missing", chain, first)
+
+
+async def test_an_export_of_batch_records_fits_the_protocols_frames(
+    native: NativeHarness, tmp_path: Path
+) -> None:
+    """Batch records (ADR 0013) list up to a group's messages each: an export page of them
+    must still fit in one ADMIN_RESULT frame, or ``audit export`` cannot export the log."""
+    h = native
+    await make_queue(h, "payments.orders", "ledger")
+    tp = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    for _ in range(20):  # 20 "published" records of 1,000 messages each
+        h.clock.advance(0.01)
+        await h.broker.publish_batch(
+            [PublishRequest("payments.orders", b"x", trace_context=tp) for _ in range(1000)]
+        )
+    await signed(h)
+    code, report = await export_and_verify(h, tmp_path)
+    assert code == 0, report
+    assert report["records"] >= 20

@@ -515,6 +515,13 @@ async def test_batch_records_that_do_not_cover_the_group_are_refused(
         (1, ids[:1], [None], b"p", b"h1"),
         (2, ids[1:], ["x", None], b"h1", b"h2"),
     ]
+    # no trace ids at all: the broker sends NULL, each record stores its NULLs, aligned
+    await g.db.execute(
+        AUDIT_APPEND.replace("99, 0", "98, 0"), b"p", ids, None, [datetime.now(UTC)], [1], [3],
+        [b"h"],
+    )  # fmt: skip
+    stored = await g.db.fetchrow("SELECT message_ids, trace_ids FROM sb_audit WHERE chain = 98")
+    assert stored is not None and tuple(stored) == (ids, [None] * 3)
 
 
 @pytest.mark.parametrize("grouped", ["audit"], indirect=True)
@@ -566,3 +573,26 @@ async def test_a_lease_records_one_delivered_batch_per_attempt(
     assert set(batches) == {"1", "2"} and all(x[0] == "delivered" for x in got[4:])
     assert sorted(batches["2"]) == sorted(m for m, a in second.items() if a == 2)
     assert sorted(batches["1"]) == sorted(m for m, a in second.items() if a == 1)
+
+
+@pytest.mark.parametrize(
+    ("counts_", "records"),
+    [([1, 2], 1), ([3], 2)],
+    ids=["more-counts-than-records", "fewer-counts-than-records"],
+)
+@pytest.mark.parametrize("grouped", ["no-audit"], indirect=True)
+async def test_batch_records_whose_arrays_do_not_align_are_refused(
+    grouped: Grouped, counts_: list[int], records: int
+) -> None:
+    """The coverage check must hold whatever the arrays' lengths: per-record arrays of
+    different lengths (unnest pads the shorter with NULLs) must not let a group be kept with
+    messages that no record lists, or with a record that lists none."""
+    g = grouped
+    ids = [uuid.uuid4() for _ in range(3)]
+    with pytest.raises(asyncpg.PostgresError):
+        await g.db.execute(
+            AUDIT_APPEND, b"p", ids, [None] * 3, [datetime.now(UTC)] * records, [1] * records,
+            counts_, [b"h%d" % i for i in range(records)],
+        )  # fmt: skip
+    rows = await g.db.fetch("SELECT message_ids, trace_ids FROM sb_audit WHERE chain = 99")
+    assert rows == []

@@ -327,6 +327,21 @@ def test_any_edit_of_a_batch_record_is_altered(tmp_path: Path, edit: Any) -> Non
     assert kinds(report) == [(1, 5, "altered")]
 
 
+def test_bundles_of_format_1_still_verify(tmp_path: Path) -> None:
+    """Exports made before batch records (bundle format 1) read and verify as before; new
+    exports say format 2, so a verifier that predates batch records refuses them outright
+    instead of reporting every batch record as altered."""
+    records, cps = standard_trail()
+    path = write_bundle(tmp_path / "b.jsonl", records, cps)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["format"] == 2
+    lines[0] = json.dumps(header | {"format": 1})
+    path.write_text("\n".join(lines) + "\n")
+    report = verify_bundle(read_bundle(path), [KEY.public_bytes()])
+    assert report.ok and report.records == 20, report.format_text()
+
+
 def test_a_batch_record_whose_trace_ids_do_not_align_is_malformed(tmp_path: Path) -> None:
     records, cps = batch_trail()
     path = write_bundle(tmp_path / "b.jsonl", records, cps)
@@ -597,7 +612,7 @@ def test_unreadable_bundles_exit_2(tmp_path: Path) -> None:
     no_header.write_text(json.dumps({"type": "record"}) + "\n")
     future = tmp_path / "future.jsonl"
     future.write_text(
-        json.dumps({"type": "header", "format": 2, "created_at": T0.isoformat()}) + "\n"
+        json.dumps({"type": "header", "format": 3, "created_at": T0.isoformat()}) + "\n"
     )
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
@@ -605,7 +620,7 @@ def test_unreadable_bundles_exit_2(tmp_path: Path) -> None:
     corrupt_gz.write_bytes(b"\x1f\x8bthis is not gzip")
     for path, expected in (
         (no_header, "not a bundle header"),
-        (future, "unsupported bundle format 2"),
+        (future, "unsupported bundle format 3"),
         (empty, "empty"),
         (corrupt_gz, "cannot read"),
         (tmp_path / "absent.jsonl", "cannot open"),
