@@ -9,12 +9,12 @@
 
 ALTER TABLE sb_audit ADD COLUMN message_ids uuid[], ADD COLUMN trace_ids text[];
 -- ``audit trail <message id>`` finds a batch that lists the message through this index (and a
--- record of that message alone through sb_audit_message). fastupdate off: with a pending list
--- (the default), the insert that finds it over gin_pending_list_limit merges it inline, and
--- every message id is a key of its own, so that merge stalled a group commit or a lease for
--- hundreds of milliseconds (docs/adr/0013-batch-audit-records.md); direct inserts cost a
--- little more each but never stall.
-CREATE INDEX sb_audit_messages ON sb_audit USING gin (message_ids) WITH (fastupdate = off)
+-- record of that message alone through sb_audit_message). A small pending list (256 kB, not
+-- the default 4 MB): the insert that finds the list over its limit merges it inline, and every
+-- message id is a key of its own, so merging 4 MB stalled an insert for up to 410 ms; with no
+-- pending list (fastupdate off) every insert costs more (docs/adr/0013-batch-audit-records.md).
+CREATE INDEX sb_audit_messages ON sb_audit USING gin (message_ids)
+    WITH (gin_pending_list_limit = 256)
     WHERE message_ids IS NOT NULL;
 
 -- The one-statement group functions of migration 0005, with batch records: same work, same
