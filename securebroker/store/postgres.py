@@ -473,18 +473,7 @@ class PostgresStore:
                 await conn.fetchval(Q["ordering_lock"], locks)
             await conn.execute(
                 Q["publish"],
-                [m.id for _, m in new],
-                [topic_ids[i] for i, _ in new],
-                [m.payload for _, m in new],
-                _column([m.attributes or None for _, m in new]),
-                [m.content_type for _, m in new],
-                _column([m.idempotency_key for _, m in new]),
-                _column([m.ordering_key for _, m in new]),
-                [m.producer for _, m in new],
-                _column([m.not_before for _, m in new]),
-                _column([m.expires_at for _, m in new]),
-                _column([m.trace_context or None for _, m in new]),
-                [m.published_at for _, m in new],
+                *_insert_args([m for _, m in new], [topic_ids[i] for i, _ in new]),
             )
             for i, m in new:
                 results[i] = PublishResult(m.id)
@@ -528,7 +517,7 @@ class PostgresStore:
         results = [PublishResult(m.id) for m in messages]
         # one "published" record per connection and topic: the statement takes the messages
         # of each record together, in their order (so each connection's order is kept)
-        batches = _by_connection(messages)
+        batches = [list(messages)] if self.audit is None else _by_connection(messages)
         if len(batches) > 1:
             messages = [m for b in batches for m in b]
         async with self._group_conn() as (conn, tx):
@@ -544,18 +533,7 @@ class PostgresStore:
                 if m.ordering_key is not None:
                     locks.add(ordering_lock_key(tid, m.ordering_key))
             args: list[Any] = [
-                [m.id for m in messages],
-                topic_ids,
-                [m.payload for m in messages],
-                _column([m.attributes or None for m in messages]),
-                [m.content_type for m in messages],
-                _column([m.idempotency_key for m in messages]),
-                _column([m.ordering_key for m in messages]),
-                [m.producer for m in messages],
-                _column([m.not_before for m in messages]),
-                _column([m.expires_at for m in messages]),
-                _column([m.trace_context or None for m in messages]),
-                [m.published_at for m in messages],
+                *_insert_args(messages, topic_ids),
                 [m.producer_scope for m in messages],
                 [m.fingerprint for m in messages],
                 sorted(locks) if locks else None,
@@ -753,14 +731,14 @@ class PostgresStore:
                 [refs[i].lease_token for i, _ in todo],
             )
             ok = {(r["message_id"], r["subscription_id"]) for r in done}
+            acked: list[tuple[SettleRef, _SubRow]] = []
             for i, s in todo:
-                if (refs[i].message_id, s.id) not in ok:
+                if (refs[i].message_id, s.id) in ok:
+                    acked.append((refs[i], s))
+                else:
                     results[i] = StaleLease(STALE)
             if events is not None:
-                events += _acked(
-                    _by_consumer((refs[i], s) for i, s in todo if (refs[i].message_id, s.id) in ok),
-                    now,
-                )
+                events += _acked(_by_consumer(acked), now)
         return results
 
     async def nack(
@@ -1199,6 +1177,25 @@ def _by_consumer(
 ) -> list[list[tuple[SettleRef, _SubRow]]]:
     """Settles grouped by actor (one per connection) and subscription: one record each."""
     return _batches(pairs, lambda x: (id(x[0].actor), x[1].id))
+
+
+def _insert_args(messages: Sequence[PreparedMessage], topic_ids: Sequence[int]) -> list[Any]:
+    """The arguments of ``sb_insert_messages`` (migration 0005), which both publish paths call:
+    the general path's named query "publish" and ``sb_publish_group``'s first twelve."""
+    return [
+        [m.id for m in messages],
+        topic_ids,
+        [m.payload for m in messages],
+        _column([m.attributes or None for m in messages]),
+        [m.content_type for m in messages],
+        _column([m.idempotency_key for m in messages]),
+        _column([m.ordering_key for m in messages]),
+        [m.producer for m in messages],
+        _column([m.not_before for m in messages]),
+        _column([m.expires_at for m in messages]),
+        _column([m.trace_context or None for m in messages]),
+        [m.published_at for m in messages],
+    ]
 
 
 def _column(values: list[T]) -> list[T] | None:
