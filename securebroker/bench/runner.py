@@ -237,7 +237,7 @@ async def _statements(dsn: str, messages: int, limit: int = 8) -> list[dict[str,
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT query, toplevel, calls, rows, total_exec_time, wal_bytes"
+            "SELECT query, toplevel, calls, rows, total_exec_time, max_exec_time, wal_bytes"
             " FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             "   AND query NOT LIKE 'SELECT pg_stat_statements_reset%'"
@@ -254,6 +254,8 @@ async def _statements(dsn: str, messages: int, limit: int = 8) -> list[dict[str,
             "calls_per_message": round(r["calls"] / n, 4),
             "rows_per_call": round(r["rows"] / max(r["calls"], 1), 1),
             "exec_us_per_message": round(r["total_exec_time"] * 1000 / n, 1),
+            # the slowest single call: a stall in the tail latencies often shows up here
+            "max_exec_ms": round(r["max_exec_time"], 1),
             "wal_bytes_per_message": round(float(r["wal_bytes"]) / n),
         }
         for r in rows
@@ -495,15 +497,16 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 "message (pg_stat_statements; ↳ marks a nested statement, whose time is also "
                 "in its caller's):",
                 "",
-                "| statement | µs/msg | calls/msg | rows/call | WAL bytes/msg |",
-                "|---|---|---|---|---|",
+                "| statement | µs/msg | calls/msg | rows/call | slowest call ms | WAL bytes/msg |",
+                "|---|---|---|---|---|---|",
             ]
             for q in r["sql"]:
                 text = "`" + q["statement"].replace("|", "\\|") + "`"
                 text = text if q["toplevel"] else f"↳ {text}"
                 lines.append(
                     f"| {text} | {q['exec_us_per_message']} | {q['calls_per_message']} "
-                    f"| {q['rows_per_call']} | {q['wal_bytes_per_message']} |"
+                    f"| {q['rows_per_call']} | {q.get('max_exec_ms', '—')} "
+                    f"| {q['wal_bytes_per_message']} |"
                 )
     return "\n".join(lines) + "\n"
 

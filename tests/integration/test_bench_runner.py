@@ -85,6 +85,8 @@ def test_sql_stats_report_where_postgresql_spent_each_workload(tmp_path: Path) -
         publish = next(q for t, q in by_text.items() if t.startswith("SELECT sb_publish_group("))
         assert publish["toplevel"] and publish["calls_per_message"] > 0
         assert publish["exec_us_per_message"] > 0
+        # the slowest single call, which can explain a tail latency the mean hides
+        assert publish["max_exec_ms"] > 0
         assert not any("pg_stat_statements_reset" in t for t in by_text)  # the reset is not work
         table = runner.markdown(
             [result],
@@ -93,6 +95,7 @@ def test_sql_stats_report_where_postgresql_spent_each_workload(tmp_path: Path) -
         )
         assert "PostgreSQL execution time per message" in table
         assert "`SELECT sb_publish_group(" in table
+        assert f"| {publish['max_exec_ms']} |" in table
     finally:
         sb.proc.terminate()
         sb.proc.wait(timeout=30)

@@ -111,7 +111,7 @@ SELECT sb_insert_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 -- An expired lease is eligible again because leasing sets available_at to the lease expiry.
 -- prev_state and prev_consumer tell the audit trail when a lease ran out before this one.
 WITH picked AS (
-    SELECT d.message_id, d.state AS prev_state, d.consumer AS prev_consumer
+    SELECT d.ctid AS row_id, d.message_id, d.state AS prev_state, d.consumer AS prev_consumer
     FROM sb_deliveries d
     WHERE d.subscription_id = $1 AND d.state < 2 AND d.available_at <= $2
       AND d.attempts < $3
@@ -132,16 +132,21 @@ WITH picked AS (
                     'at', d.lease_expires_at, 'consumer', d.consumer))
                   ELSE d.history END
     FROM picked
-    WHERE d.subscription_id = $1 AND d.message_id = picked.message_id
+    WHERE d.ctid = picked.row_id AND d.subscription_id = $1 AND d.message_id = picked.message_id
     RETURNING d.message_id, d.lease_token, d.attempts, d.seq, picked.prev_state,
               picked.prev_consumer
 )
-SELECT l.message_id, l.lease_token, l.attempts, t.name AS topic, m.payload, m.attributes,
+SELECT l.message_id, l.lease_token, l.attempts, m.topic, m.payload, m.attributes,
        m.content_type, m.idempotency_key, m.ordering_key, m.producer, m.trace_context,
        m.published_at, l.prev_state, l.prev_consumer
 FROM leased l
-JOIN sb_messages m ON m.id = l.message_id
-JOIN sb_topics t ON t.id = m.topic_id
+CROSS JOIN LATERAL (
+    SELECT t.name AS topic, m.payload, m.attributes, m.content_type, m.idempotency_key,
+           m.ordering_key, m.producer, m.trace_context, m.published_at
+    FROM sb_messages m JOIN sb_topics t ON t.id = m.topic_id
+    WHERE m.id = l.message_id
+    LIMIT 1
+) m
 ORDER BY l.seq;
 
 -- name: ack
