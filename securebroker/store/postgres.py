@@ -93,12 +93,16 @@ async def _init_connection(conn: Conn) -> None:
 #: its rows back by a hash join over a sequential scan of the deliveries, and fetched payloads by
 #: a merge join that read the messages' whole primary key (7,000+ buffers for 50 rows). With
 #: these off it walks the dequeue index in order and every join is a nested loop of lookups.
+#: That plan is the same whatever the parameters, so it is planned once per connection
+#: (``force_generic_plan``): left to choose, PostgreSQL re-planned the lease on every call,
+#: about a quarter of a 50-row lease's time (docs/adr/0014-queue-plans.md).
 LEASE_SETTINGS = {
     "synchronous_commit": "off",
     "enable_bitmapscan": "off",
     "enable_seqscan": "off",
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
+    "plan_cache_mode": "force_generic_plan",
 }
 
 

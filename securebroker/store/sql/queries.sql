@@ -155,11 +155,13 @@ ORDER BY l.seq;
 SELECT message_id, subscription_id FROM sb_ack_rows($1, $2, $3);
 
 -- name: nack_lock
+-- "state + 0": the row is found by its primary key, never by walking the partial index of
+-- leased rows, which stale statistics can call empty (docs/adr/0014-queue-plans.md).
 SELECT d.message_id, d.subscription_id, d.attempts
 FROM sb_deliveries d
 JOIN unnest($1::uuid[], $2::bigint[], $3::uuid[]) AS r (message_id, subscription_id, lease_token)
   ON d.message_id = r.message_id AND d.subscription_id = r.subscription_id
-WHERE d.state = 1 AND d.lease_token = r.lease_token
+WHERE d.state + 0 = 1 AND d.lease_token = r.lease_token
 ORDER BY d.message_id, d.subscription_id
 FOR UPDATE OF d;
 
@@ -176,8 +178,9 @@ FROM unnest($1::uuid[], $2::bigint[], $3::smallint[], $4::timestamptz[], $5::tex
 WHERE d.message_id = r.message_id AND d.subscription_id = r.subscription_id;
 
 -- name: extend
+-- "state + 0": by primary key, as nack_lock
 UPDATE sb_deliveries SET lease_expires_at = $4, available_at = $4
-WHERE message_id = $1 AND subscription_id = $2 AND state = 1 AND lease_token = $3
+WHERE message_id = $1 AND subscription_id = $2 AND state + 0 = 1 AND lease_token = $3
 RETURNING lease_expires_at;
 
 -- name: sweep_expired
