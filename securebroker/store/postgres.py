@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -83,6 +83,10 @@ async def _init_connection(conn: Conn) -> None:
         decoder=_json_decode,
         format="text",
     )
+
+
+#: the published_at before every message: where a pass of the orphan cleanup starts
+PASS_START = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 #: Settings of the lease connections (see ``PostgresStore``): a lease needs no WAL-flush wait
@@ -200,6 +204,8 @@ class PostgresStore:
         self.audit: AuditLog | None = None
         self._topics: dict[str, tuple[int, float]] = {}
         self._subs: dict[str, tuple[_SubRow, float]] = {}
+        #: where the next cleanup call looks for orphaned messages (published_at)
+        self._cleanup_after = PASS_START
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> PostgresStore:
@@ -864,10 +870,15 @@ class PostgresStore:
         self, now: datetime, idempotency_retention: timedelta, grace: timedelta, limit: int
     ) -> CleanupResult:
         async with self.pool.acquire() as conn:
-            msgs = await conn.execute(Q["cleanup_messages"], now - grace, limit)
+            # orphaned messages: a bounded slice of the table per call, in passes
+            msgs = await conn.fetchrow(
+                Q["cleanup_messages"], now - grace, limit, self._cleanup_after
+            )
+            full = msgs is not None and msgs["examined"] >= limit
+            self._cleanup_after = msgs["last_at"] if full and msgs is not None else PASS_START
             keys = await conn.execute(Q["cleanup_idempotency"], now - idempotency_retention, limit)
             await conn.execute(Q["cleanup_settles"], now - idempotency_retention, limit)
-        return CleanupResult(_count(msgs), _count(keys))
+        return CleanupResult(msgs["deleted"] if msgs is not None else 0, _count(keys))
 
     # -- dead letters and purge ----------------------------------------------------------------
     async def list_dead(

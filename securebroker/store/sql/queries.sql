@@ -225,16 +225,28 @@ RETURNING d.message_id, d.attempts, d.consumer,
      WHERE s.id = d.subscription_id) AS topic;
 
 -- name: cleanup_messages
--- Settled messages a racing ack left behind, and messages published to a topic with no
--- subscription; oldest first, bounded per call.
-DELETE FROM sb_messages WHERE id IN (
-    SELECT m.id FROM sb_messages m
-    WHERE m.published_at < $1
-      AND NOT EXISTS (SELECT 1 FROM sb_deliveries d WHERE d.message_id = m.id)
+-- Message rows no delivery refers to any more, older than the grace period: a racing ack left
+-- them behind, or their topic had no subscription. Each call examines at most $2 messages,
+-- oldest first, from where the previous call stopped ($3: the last published_at it examined;
+-- the start of time to begin a new pass), so its cost is bounded whatever the backlog: looking
+-- for orphans among all the messages older than the grace period cost 100 ms per 200,000
+-- queued messages, every cleanup interval. Each candidate is checked by a primary-key lookup
+-- and deleted by key (no join for stale statistics to turn into a scan of either table).
+-- Returns how many were deleted, how many examined, and where the next call goes on.
+WITH scan AS MATERIALIZED (
+    SELECT m.id, m.published_at,
+           (SELECT count(*) FROM sb_deliveries d WHERE d.message_id = m.id) AS deliveries
+    FROM sb_messages m
+    WHERE m.published_at < $1 AND m.published_at > $3
     ORDER BY m.published_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
-);
+), gone AS (
+    DELETE FROM sb_messages m
+    WHERE m.id = ANY (ARRAY(SELECT s.id FROM scan s WHERE s.deliveries = 0))
+    RETURNING m.id
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM scan) AS examined,
+       (SELECT max(s.published_at) FROM scan s) AS last_at;
 
 -- name: cleanup_idempotency
 DELETE FROM sb_idempotency WHERE ctid IN (
