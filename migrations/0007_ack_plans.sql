@@ -43,3 +43,14 @@ AS $$
     )
     SELECT done.message_id, done.subscription_id FROM done;
 $$;
+-- A marker that only a crash of the server erases (docs/adr/0008-audit-trail.md, "Server
+-- crashes"). Crash recovery empties unlogged tables; a clean shutdown keeps them. Leases commit
+-- asynchronously (synchronous_commit = off), so a crash can lose a lease's last audit records
+-- after the broker's lane has moved past them. A broker that was between transactions when the
+-- server crashed saw no connection error: its pool reconnected silently, and its next record
+-- would have linked to a lost one. It reads this token on every new connection and retires its
+-- lanes when the token changed.
+CREATE UNLOGGED TABLE sb_server_epoch (
+    id     boolean PRIMARY KEY DEFAULT true CHECK (id),
+    token  uuid NOT NULL
+);

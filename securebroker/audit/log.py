@@ -42,6 +42,7 @@ from securebroker.audit.record import (
     to_us,
 )
 from securebroker.clock import Clock, SystemClock
+from securebroker.errors import Unavailable
 from securebroker.store.sql import load
 
 log = logging.getLogger("securebroker.audit")
@@ -199,12 +200,17 @@ class AuditLog:
         self._prev: bytes | None = None
         self._signed: tuple[tuple[int, int], ...] = ()
         self.checkpoints_written = 0
+        #: the server's crash marker when last read (``check_server``), and the backends
+        #: (server pids) already checked against it
+        self._epoch: uuid.UUID | None = None
+        self._checked: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Register the signing key's public half, make sure this month's and the next
         month's partitions exist, and start the writer and the checkpointer."""
         async with self.pool.acquire() as conn:
+            await self.check_server(conn)
             if self.signer is not None:
                 await conn.execute(
                     Q["audit_key_register"], self.signer.key_id, self.signer.public_bytes()
@@ -270,6 +276,27 @@ class AuditLog:
         for lane in self._lanes.values():
             self._retire(lane)
         self._free.clear()
+        self._checked.clear()
+
+    async def check_server(self, conn: Any) -> None:
+        """Before a transaction on ``conn``: if the server crashed since this log last looked,
+        retire every lane and refuse the transaction (retryable).
+
+        A broker between transactions when the server crashed sees no connection error: its
+        pool reconnects silently. The crash is told by ``sb_server_epoch`` (migration 0007), an
+        unlogged table that crash recovery empties and a clean shutdown keeps, read once per
+        new backend (a new server pid), so an established connection costs nothing."""
+        pid = conn.get_server_pid()
+        if pid in self._checked:
+            return
+        epoch = await conn.fetchval(Q["audit_epoch"])
+        if self._epoch is not None and epoch != self._epoch:
+            log.warning("the database server crashed since the last transaction: new chains")
+            self.connection_lost()
+            self._epoch = epoch
+            raise Unavailable("the database server restarted; retry")
+        self._epoch = epoch
+        self._checked.add(pid)
 
     async def _settle_suspects(self) -> None:
         """Read back the final heads of retired lanes (their COMMIT has been decided). A lane
@@ -293,6 +320,7 @@ class AuditLog:
         outcome: Outcome = "rolled_back"
         try:
             async with (pool or self.pool).acquire() as conn:
+                await self.check_server(conn)
                 async with conn.transaction():
                     yield conn, events
                     if events:
@@ -408,6 +436,11 @@ class AuditLog:
         if self.signer is None:
             return None
         async with self._checkpointing:  # the periodic one and an auditor's export may meet
+            # a crash of the server since the last transaction: never sign a head it may have
+            # lost (check_server retires the lanes; their heads are read back just below)
+            with contextlib.suppress(Unavailable):
+                async with self.pool.acquire() as conn:
+                    await self.check_server(conn)
             await self._settle_suspects()
             heads = self.heads()
             state = tuple((h.chain, h.seq) for h in heads)

