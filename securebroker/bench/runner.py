@@ -505,7 +505,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 text = text if q["toplevel"] else f"↳ {text}"
                 lines.append(
                     f"| {text} | {q['exec_us_per_message']} | {q['calls_per_message']} "
-                    f"| {q['rows_per_call']} | {q.get('max_exec_ms', '—')} "
+                    f"| {q['rows_per_call']} | {q['max_exec_ms']} "
                     f"| {q['wal_bytes_per_message']} |"
                 )
     return "\n".join(lines) + "\n"

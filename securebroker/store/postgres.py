@@ -872,15 +872,16 @@ class PostgresStore:
         self, now: datetime, idempotency_retention: timedelta, grace: timedelta, limit: int
     ) -> CleanupResult:
         async with self.pool.acquire() as conn:
-            # orphaned messages: a bounded slice of the table per call, in passes
+            # orphaned messages: a bounded slice of the table per call, in passes (a slice
+            # shorter than the limit ended a pass: the next call starts over)
             msgs = await conn.fetchrow(
                 Q["cleanup_messages"], now - grace, limit, self._cleanup_after
             )
-            full = msgs is not None and msgs["examined"] >= limit
-            self._cleanup_after = msgs["last_at"] if full and msgs is not None else PASS_START
+            assert msgs is not None  # one row of counts, always
+            self._cleanup_after = msgs["last_at"] if msgs["examined"] >= limit else PASS_START
             keys = await conn.execute(Q["cleanup_idempotency"], now - idempotency_retention, limit)
             await conn.execute(Q["cleanup_settles"], now - idempotency_retention, limit)
-        return CleanupResult(msgs["deleted"] if msgs is not None else 0, _count(keys))
+        return CleanupResult(msgs["deleted"], _count(keys))
 
     # -- dead letters and purge ----------------------------------------------------------------
     async def list_dead(

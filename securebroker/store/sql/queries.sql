@@ -231,18 +231,20 @@ RETURNING d.message_id, d.attempts, d.consumer,
 -- the start of time to begin a new pass), so its cost is bounded whatever the backlog: looking
 -- for orphans among all the messages older than the grace period cost 100 ms per 200,000
 -- queued messages, every cleanup interval. Each candidate is checked by a primary-key lookup
--- and deleted by key (no join for stale statistics to turn into a scan of either table).
+-- (a count, which stays a per-row lookup: NOT EXISTS here became a hashed subplan over all the
+-- deliveries, 45 ms per call at 200,000 queued instead of 14) and deleted by key, so stale
+-- statistics cannot turn either into a scan of a whole table.
 -- Returns how many were deleted, how many examined, and where the next call goes on.
 WITH scan AS MATERIALIZED (
     SELECT m.id, m.published_at,
-           (SELECT count(*) FROM sb_deliveries d WHERE d.message_id = m.id) AS deliveries
+           (SELECT count(*) FROM sb_deliveries d WHERE d.message_id = m.id) = 0 AS orphan
     FROM sb_messages m
     WHERE m.published_at < $1 AND m.published_at > $3
     ORDER BY m.published_at
     LIMIT $2
 ), gone AS (
     DELETE FROM sb_messages m
-    WHERE m.id = ANY (ARRAY(SELECT s.id FROM scan s WHERE s.deliveries = 0))
+    WHERE m.id = ANY (ARRAY(SELECT s.id FROM scan s WHERE s.orphan))
     RETURNING m.id
 )
 SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM scan) AS examined,
