@@ -862,6 +862,7 @@ class PostgresStore:
     # -- maintenance ---------------------------------------------------------------------------
     async def sweep(self, now: datetime, limit: int) -> SweepResult:
         async with self._tx() as (conn, events):
+            await conn.execute(Q["plan_by_keys"])
             expired = await conn.fetch(Q["sweep_expired"], now, limit)
             exhausted = await conn.fetch(Q["sweep_exhausted"], now, limit)
             if events is not None:

@@ -107,6 +107,11 @@ SELECT sb_insert_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 
 -- name: lease
 -- Runs on the lease pool (postgres.LEASE_SETTINGS: no WAL-flush wait, no bitmap scans).
+-- Each queue table is reached only through a key: the picked rows by their row ids (locked in
+-- this statement, so the ids stay theirs), each message by its primary key in a LATERAL
+-- subquery of its own. No other condition on an indexed column is added to those steps: with
+-- a statistics-derived estimate of one row (a drained queue, docs/adr/0014-queue-plans.md),
+-- any such condition offers the planner a walk of a whole index instead of the lookups.
 -- Eligible: live, available, attempts left, not expired, and first of its ordering-key group.
 -- An expired lease is eligible again because leasing sets available_at to the lease expiry.
 -- prev_state and prev_consumer tell the audit trail when a lease ran out before this one.
@@ -132,7 +137,7 @@ WITH picked AS (
                     'at', d.lease_expires_at, 'consumer', d.consumer))
                   ELSE d.history END
     FROM picked
-    WHERE d.ctid = picked.row_id AND d.subscription_id = $1 AND d.message_id = picked.message_id
+    WHERE d.ctid = picked.row_id
     RETURNING d.message_id, d.lease_token, d.attempts, d.seq, picked.prev_state,
               picked.prev_consumer
 )
@@ -141,9 +146,10 @@ SELECT l.message_id, l.lease_token, l.attempts, m.topic, m.payload, m.attributes
        m.published_at, l.prev_state, l.prev_consumer
 FROM leased l
 CROSS JOIN LATERAL (
-    SELECT t.name AS topic, m.payload, m.attributes, m.content_type, m.idempotency_key,
-           m.ordering_key, m.producer, m.trace_context, m.published_at
-    FROM sb_messages m JOIN sb_topics t ON t.id = m.topic_id
+    SELECT (SELECT t.name FROM sb_topics t WHERE t.id = m.topic_id) AS topic, m.payload,
+           m.attributes, m.content_type, m.idempotency_key, m.ordering_key, m.producer,
+           m.trace_context, m.published_at
+    FROM sb_messages m
     WHERE m.id = l.message_id
     LIMIT 1
 ) m
@@ -155,15 +161,21 @@ ORDER BY l.seq;
 SELECT message_id, subscription_id FROM sb_ack_rows($1, $2, $3);
 
 -- name: nack_lock
--- "state + 0": the row is found by its primary key, never by walking the partial index of
--- leased rows, which stale statistics can call empty (docs/adr/0014-queue-plans.md).
-SELECT d.message_id, d.subscription_id, d.attempts
-FROM sb_deliveries d
-JOIN unnest($1::uuid[], $2::bigint[], $3::uuid[]) AS r (message_id, subscription_id, lease_token)
-  ON d.message_id = r.message_id AND d.subscription_id = r.subscription_id
-WHERE d.state + 0 = 1 AND d.lease_token = r.lease_token
-ORDER BY d.message_id, d.subscription_id
-FOR UPDATE OF d;
+-- Each row is found by its primary key in a LATERAL subquery over sb_deliveries alone (as in
+-- migration 0008's sb_ack_rows: a join could be turned into a walk of the whole table), and
+-- locked in key order. "state + 0": never by walking the partial index of leased rows, which
+-- stale statistics can call empty (docs/adr/0014-queue-plans.md).
+SELECT x.message_id, x.subscription_id, x.attempts
+FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[])
+          AS r (message_id, subscription_id, lease_token)
+      ORDER BY 1, 2) AS r
+CROSS JOIN LATERAL (
+    SELECT d.message_id, d.subscription_id, d.attempts FROM sb_deliveries d
+    WHERE d.message_id = r.message_id AND d.subscription_id = r.subscription_id
+      AND d.state + 0 = 1 AND d.lease_token = r.lease_token
+    LIMIT 1
+    FOR UPDATE
+) AS x;
 
 -- name: nack_apply
 UPDATE sb_deliveries d
@@ -183,9 +195,19 @@ UPDATE sb_deliveries SET lease_expires_at = $4, available_at = $4
 WHERE message_id = $1 AND subscription_id = $2 AND state + 0 = 1 AND lease_token = $3
 RETURNING lease_expires_at;
 
+-- name: plan_by_keys
+-- For this transaction only (the sweeps): the planner settings of the lease connections
+-- (postgres.LEASE_SETTINGS), so a queue table is reached by its indexes, never scanned whole.
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+       set_config('enable_mergejoin', 'off', true);
+
 -- name: sweep_expired
+-- Runs after plan_by_keys. The rows picked are locked by this statement and updated by their
+-- row ids, with no other condition on an indexed column: with a statistics-derived estimate of
+-- one row (a drained queue, docs/adr/0014-queue-plans.md), a join on the key was a walk of the
+-- whole primary key on every sweep, with nothing to sweep.
 WITH c AS (
-    SELECT message_id, subscription_id FROM sb_deliveries
+    SELECT ctid AS row_id FROM sb_deliveries
     WHERE state = 0 AND expires_at IS NOT NULL AND expires_at <= $1
     ORDER BY expires_at
     LIMIT $2
@@ -196,20 +218,24 @@ SET state = 2, dead_reason = 'expired', dead_at = $1,
     history = d.history || jsonb_build_array(jsonb_build_object(
         'outcome', 'expired', 'at', $1::timestamptz))
 FROM c
-WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
+WHERE d.ctid = c.row_id
 RETURNING d.message_id,
     (SELECT s.name FROM sb_subscriptions s WHERE s.id = d.subscription_id) AS sub,
     (SELECT t.name FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
      WHERE s.id = d.subscription_id) AS topic;
 
 -- name: sweep_exhausted
+-- As sweep_expired. Leases that ran out are found through the partial index of leased rows
+-- (by expiry: bounded by how many expired), each one's limit by a lookup of its subscription.
 WITH c AS (
-    SELECT d.message_id, d.subscription_id
-    FROM sb_deliveries d JOIN sb_subscriptions s ON s.id = d.subscription_id
-    WHERE d.state = 1 AND d.available_at <= $1 AND d.attempts >= s.max_attempts
+    SELECT d.ctid AS row_id
+    FROM sb_deliveries d
+    WHERE d.state = 1 AND d.available_at <= $1
+      AND d.attempts >= (SELECT s.max_attempts FROM sb_subscriptions s
+                         WHERE s.id = d.subscription_id)
     ORDER BY d.available_at
     LIMIT $2
-    FOR UPDATE OF d SKIP LOCKED
+    FOR UPDATE SKIP LOCKED
 )
 UPDATE sb_deliveries d
 SET state = 2, dead_reason = 'max_attempts', dead_at = $1, last_error = 'lease expired',
@@ -218,7 +244,7 @@ SET state = 2, dead_reason = 'max_attempts', dead_at = $1, last_error = 'lease e
         'attempt', d.attempts, 'outcome', 'lease_expired',
         'at', d.lease_expires_at, 'consumer', d.consumer))
 FROM c
-WHERE d.message_id = c.message_id AND d.subscription_id = c.subscription_id
+WHERE d.ctid = c.row_id
 RETURNING d.message_id, d.attempts, d.consumer,
     (SELECT s.name FROM sb_subscriptions s WHERE s.id = d.subscription_id) AS sub,
     (SELECT t.name FROM sb_subscriptions s JOIN sb_topics t ON t.id = s.topic_id
