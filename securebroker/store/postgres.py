@@ -776,21 +776,22 @@ class PostgresStore:
                 [s.id for _, s in todo],
                 [refs[i].lease_token for i, _ in todo],
             )
-            attempts = {(r["message_id"], r["subscription_id"]): r["attempts"] for r in locked}
-            cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+            held = {(r["message_id"], r["subscription_id"]): r for r in locked}
+            cols: tuple[list[Any], ...] = ([], [], [], [], [])
             for i, sub in todo:
                 ref = refs[i]
-                n = attempts.get((ref.message_id, sub.id))
-                if n is None:
+                row = held.get((ref.message_id, sub.id))
+                if row is None:
                     results[i] = StaleLease(STALE)
                     continue
+                n = row["attempts"]
                 if n >= sub.settings.max_attempts:
                     state, at, reason = DeliveryState.DEAD, now, DeadReason.MAX_ATTEMPTS.value
                 else:
                     delay = ref.delay if ref.delay is not None else policy.delay(n, sub.settings)
                     state, at, reason = DeliveryState.READY, now + delay, None
                 for col, v in zip(
-                    cols, (ref.message_id, sub.id, int(state), at, ref.error, reason), strict=True
+                    cols, (row["row_id"], int(state), at, ref.error, reason), strict=True
                 ):
                     col.append(v)
                 if events is not None:

@@ -316,3 +316,88 @@ async def test_sweeps_update_by_row_id(db: asyncpg.Connection, query: str, shape
     _assert_lookups(plan.replace("sb_deliveries_leased", "leased index"))
     assert "Tid Scan on sb_deliveries d" in plan
     assert "rows=0" in plan.splitlines()[0]
+
+
+async def _add_claims(conn: asyncpg.Connection, n: int) -> list[str]:
+    keys = [f"k-{uuid.uuid4()}" for _ in range(n)]
+    await conn.execute(
+        "INSERT INTO sb_idempotency (topic_id, producer_scope, key, message_id, fingerprint,"
+        " created_at) SELECT (SELECT id FROM sb_topics), 'p', k, gen_random_uuid(), '\\x00', $2"
+        " FROM unnest($1::text[]) AS k",
+        keys,
+        NOW,
+    )
+    return keys
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_existing_claims_are_looked_up_by_key(db: asyncpg.Connection, shape: str) -> None:
+    """A publish whose idempotency keys are already claimed reads those claims by primary
+    key (the general path, for every duplicate a producer retries)."""
+    await _add_claims(db, 200 if shape == "grown" else 2000)
+    if shape == "drained":
+        await db.execute("DELETE FROM sb_idempotency")
+        await db.execute("ANALYZE sb_idempotency")
+    else:
+        await db.execute("VACUUM ANALYZE sb_idempotency")
+    keys = (await _add_claims(db, 5000))[:20]
+    topic = await db.fetchval("SELECT id FROM sb_topics")
+    args = ([topic] * len(keys), ["p"] * len(keys), keys)
+    async with db.transaction():
+        rows = await db.fetch(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + Q["idem_existing"], *args
+        )
+        plan = "\n".join(r[0] for r in rows)
+    assert "Index Scan using sb_idempotency_pkey" in plan
+    for line in plan.splitlines():
+        if "on sb_idempotency" in line:
+            assert "loops=20" in line or "rows=20" in line, plan
+    found = await db.fetch(Q["idem_existing"], *args)
+    assert sorted(r["key"] for r in found) == sorted(keys)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_a_nack_updates_the_rows_it_locked_by_row_id(
+    db: asyncpg.Connection, shape: str
+) -> None:
+    ids = (await _stale_statistics(db, leased=True, shape=shape))[:10]
+    sub = await db.fetchval("SELECT id FROM sb_subscriptions")
+    async with db.transaction():
+        locked = await db.fetch(Q["nack_lock"], ids, [sub] * len(ids), ids)
+        assert {r["message_id"] for r in locked} == set(ids)
+        n = len(locked)
+        args = ([r["row_id"] for r in locked], [0] * n, [NOW] * n, ["e"] * n, [None] * n, NOW)
+        rows = await db.fetch("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + Q["nack_apply"], *args)
+        plan = "\n".join(r[0] for r in rows)
+    _assert_lookups(plan)
+    assert "Tid Scan on sb_deliveries d" in plan
+    # (EXPLAIN ANALYZE applied it) back to ready, the token gone
+    back = await db.fetchval(
+        "SELECT count(*) FROM sb_deliveries WHERE message_id = ANY($1) AND state = 0"
+        " AND lease_token IS NULL AND last_error = 'e'",
+        ids,
+    )
+    assert back == len(ids)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_dead_letters_are_listed_with_their_messages_by_key(
+    db: asyncpg.Connection, shape: str
+) -> None:
+    ids = await _stale_statistics(db, leased=False, shape=shape)
+    dead = ids[:5]
+    await db.execute(
+        "UPDATE sb_deliveries SET state = 2, dead_reason = 'max_attempts', dead_at = $2"
+        " WHERE message_id = ANY($1)",
+        dead,
+        NOW,
+    )
+    sub = await db.fetchval("SELECT id FROM sb_subscriptions")
+    rows = await db.fetch(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + Q["dead_list"], sub, None, 100
+    )
+    plan = "\n".join(r[0] for r in rows)
+    _assert_lookups(plan)
+    listed = await db.fetch(Q["dead_list"], sub, None, 100)
+    assert sorted(r["message_id"] for r in listed) == sorted(dead)
+    assert all(r["topic"] == "t" for r in listed)

@@ -83,12 +83,20 @@ ON CONFLICT DO NOTHING
 RETURNING message_id;
 
 -- name: idem_existing
-SELECT i.topic_id, i.producer_scope, i.key, i.message_id, i.fingerprint, i.created_at
-FROM sb_idempotency i
-JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS r (topic_id, producer_scope, key)
-  ON i.topic_id = r.topic_id AND i.producer_scope = r.producer_scope AND i.key = r.key
-ORDER BY i.topic_id, i.producer_scope, i.key
-FOR UPDATE OF i;
+-- Each claim by its primary key in a LATERAL subquery of its own, locked in key order: joined
+-- to the request, a drained table's one-row estimate made the plan walk the whole primary
+-- key instead (docs/adr/0014-queue-plans.md, "Drained statistics").
+SELECT x.topic_id, x.producer_scope, x.key, x.message_id, x.fingerprint, x.created_at
+FROM (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])
+          AS r (topic_id, producer_scope, key)
+      ORDER BY 1, 2, 3) AS r
+CROSS JOIN LATERAL (
+    SELECT i.topic_id, i.producer_scope, i.key, i.message_id, i.fingerprint, i.created_at
+    FROM sb_idempotency i
+    WHERE i.topic_id = r.topic_id AND i.producer_scope = r.producer_scope AND i.key = r.key
+    LIMIT 1
+    FOR UPDATE
+) AS x;
 
 -- name: idem_renew
 -- A claim older than the retention period is free again: it now names the new message.
@@ -165,12 +173,12 @@ SELECT message_id, subscription_id FROM sb_ack_rows($1, $2, $3);
 -- migration 0008's sb_ack_rows: a join could be turned into a walk of the whole table), and
 -- locked in key order. "state + 0": never by walking the partial index of leased rows, which
 -- stale statistics can call empty (docs/adr/0014-queue-plans.md).
-SELECT x.message_id, x.subscription_id, x.attempts
+SELECT x.message_id, x.subscription_id, x.attempts, x.row_id
 FROM (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[])
           AS r (message_id, subscription_id, lease_token)
       ORDER BY 1, 2) AS r
 CROSS JOIN LATERAL (
-    SELECT d.message_id, d.subscription_id, d.attempts FROM sb_deliveries d
+    SELECT d.message_id, d.subscription_id, d.attempts, d.ctid AS row_id FROM sb_deliveries d
     WHERE d.message_id = r.message_id AND d.subscription_id = r.subscription_id
       AND d.state + 0 = 1 AND d.lease_token = r.lease_token
     LIMIT 1
@@ -178,16 +186,18 @@ CROSS JOIN LATERAL (
 ) AS x;
 
 -- name: nack_apply
+-- The rows nack_lock locked in this transaction, by their row ids (locked, so they stay
+-- theirs): joined by key, a drained table's one-row estimate walked the whole primary key.
 UPDATE sb_deliveries d
 SET state = r.state, available_at = r.available_at, lease_token = NULL, lease_expires_at = NULL,
     last_error = r.error, dead_reason = r.dead_reason,
-    dead_at = CASE WHEN r.state = 2 THEN $7::timestamptz END,
+    dead_at = CASE WHEN r.state = 2 THEN $6::timestamptz END,
     history = d.history || jsonb_build_array(jsonb_build_object(
-        'attempt', d.attempts, 'outcome', 'nacked', 'at', $7::timestamptz,
+        'attempt', d.attempts, 'outcome', 'nacked', 'at', $6::timestamptz,
         'consumer', d.consumer, 'error', r.error))
-FROM unnest($1::uuid[], $2::bigint[], $3::smallint[], $4::timestamptz[], $5::text[], $6::text[])
-    AS r (message_id, subscription_id, state, available_at, error, dead_reason)
-WHERE d.message_id = r.message_id AND d.subscription_id = r.subscription_id;
+FROM unnest($1::tid[], $2::smallint[], $3::timestamptz[], $4::text[], $5::text[])
+    AS r (row_id, state, available_at, error, dead_reason)
+WHERE d.ctid = r.row_id;
 
 -- name: extend
 -- "state + 0": by primary key, as nack_lock
@@ -307,11 +317,16 @@ WHERE producer_scope = $1 AND settle_id = $2;
 UPDATE sb_settles SET results = $3 WHERE producer_scope = $1 AND settle_id = $2;
 
 -- name: dead_list
-SELECT d.message_id, t.name AS topic, m.idempotency_key, d.attempts, d.dead_reason,
+-- Each message by its primary key (LATERAL), never a join the planner could turn into a walk.
+SELECT d.message_id, m.topic, m.idempotency_key, d.attempts, d.dead_reason,
        d.last_error, d.dead_at, m.published_at, d.history
 FROM sb_deliveries d
-JOIN sb_messages m ON m.id = d.message_id
-JOIN sb_topics t ON t.id = m.topic_id
+CROSS JOIN LATERAL (
+    SELECT (SELECT t.name FROM sb_topics t WHERE t.id = m.topic_id) AS topic,
+           m.idempotency_key, m.published_at
+    FROM sb_messages m WHERE m.id = d.message_id
+    LIMIT 1
+) AS m
 WHERE d.subscription_id = $1 AND d.state = 2 AND ($2::uuid IS NULL OR d.message_id > $2)
 ORDER BY d.message_id
 LIMIT $3;
