@@ -189,6 +189,11 @@ def _ms(d: timedelta) -> int:
     return int(d.total_seconds() * 1000)
 
 
+#: claim rounds in one publish: a claim that conflicts and is gone when read back was an
+#: expired claim the cleanup deleted in between; it is claimed again
+CLAIM_ROUNDS = 3
+
+
 def ordering_lock_key(topic_id: int, ordering_key: str) -> int:
     digest = hashlib.blake2b(f"{topic_id}\x00{ordering_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -439,21 +444,24 @@ class PostgresStore:
                 if messages[first].fingerprint != m.fingerprint:
                     raise _conflict(m)
                 alias[i] = first
-        if keyed:
-            order = sorted(keyed)
+        todo = sorted(keyed)
+        for _ in range(CLAIM_ROUNDS):
+            if not todo:
+                break
             claimed = await conn.fetch(
                 Q["idem_claim"],
-                [k[0] for k in order],
-                [k[1] for k in order],
-                [k[2] for k in order],
-                [messages[keyed[k]].id for k in order],
-                [messages[keyed[k]].fingerprint for k in order],
-                [messages[keyed[k]].published_at for k in order],
+                [k[0] for k in todo],
+                [k[1] for k in todo],
+                [k[2] for k in todo],
+                [messages[keyed[k]].id for k in todo],
+                [messages[keyed[k]].fingerprint for k in todo],
+                [messages[keyed[k]].published_at for k in todo],
             )
             won = {r["message_id"] for r in claimed}
-            lost = [k for k in order if messages[keyed[k]].id not in won]
-            for k in order:
+            lost = [k for k in todo if messages[keyed[k]].id not in won]
+            for k in todo:
                 fresh[keyed[k]] = messages[keyed[k]].id in won
+            todo = []
             if lost:
                 prior = await conn.fetch(
                     Q["idem_existing"],
@@ -461,6 +469,10 @@ class PostgresStore:
                     [k[1] for k in lost],
                     [k[2] for k in lost],
                 )
+                # A claim that conflicted but is gone now was an expired one the cleanup
+                # deleted in between (a committed delete this statement sees): claim again.
+                found = {(r["topic_id"], r["producer_scope"], r["key"]) for r in prior}
+                todo = [k for k in lost if k not in found]
                 for row in prior:
                     i = keyed[(row["topic_id"], row["producer_scope"], row["key"])]
                     m = messages[i]
@@ -479,6 +491,8 @@ class PostgresStore:
                         raise _conflict(m)
                     else:
                         results[i] = PublishResult(row["message_id"], duplicate=True)
+        if todo:  # the cleanup kept deleting what we found: let the client retry
+            raise Unavailable("idempotency claims changed under this publish; retry it")
 
         new = [(i, m) for i, m in enumerate(messages) if fresh[i] and i not in alias]
         if new:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from securebroker.clock import ManualClock
@@ -32,6 +33,7 @@ from securebroker.core.model import (
 )
 from securebroker.errors import IdempotencyConflict
 from securebroker.store.postgres import PostgresStore
+from securebroker.store.sql import QUERIES as Q
 
 FP_KEY = b"test-fingerprint-key-0123456789ab"  # as in conftest
 
@@ -432,3 +434,60 @@ async def test_concurrent_fan_out_every_subscription_acks_every_message_once(
     clock.advance(pg_broker.settings.settled_grace * 2)
     await pg_broker.cleanup()
     assert await table_count(pg_broker, "sb_messages") == 0
+
+
+class _CleanupBetween:
+    """A connection whose read-back of conflicting claims is preceded by the cleanup deleting
+    every claim, committed on another connection: the interleaving of an expired claim that
+    the maintenance task deletes between a publish's claim and its read-back."""
+
+    def __init__(self, conn: Any, cleaner: Any) -> None:
+        self._conn = conn
+        self._cleaner = cleaner
+        self.deleted = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        if query == Q["idem_existing"] and not self.deleted:
+            self.deleted = int(
+                (await self._cleaner.execute("DELETE FROM sb_idempotency")).split()[-1]
+            )
+        return await self._conn.fetch(query, *args)
+
+
+async def test_an_expired_claim_deleted_between_claim_and_read_back_is_claimed_again(
+    pg_broker: Broker, pg_dsn: str, clock: ManualClock
+) -> None:
+    """Reusing a key whose claim has expired races the cleanup that deletes it: the claim
+    conflicts, and is gone when read back. The publish claims it again and goes through,
+    where it used to fail with an internal error."""
+    await pg_broker.create_topic("payments.capture")
+    await pg_broker.create_subscription("ledger", "payments.capture")
+    first = await pg_broker.publish(
+        PublishRequest("payments.capture", b"capture 1", idempotency_key="cap-7"), producer="p"
+    )
+    clock.advance(timedelta(days=8))  # past the 7 days of retention
+    later = pg_broker.prepare(
+        PublishRequest("payments.capture", b"capture 2", idempotency_key="cap-7"),
+        producer="p",
+        scope=None,
+        now=clock.now(),
+    )
+    store = pg_store(pg_broker)
+    conn = await asyncpg.connect(pg_dsn)
+    cleaner = await asyncpg.connect(pg_dsn)
+    try:
+        proxy = _CleanupBetween(conn, cleaner)
+        async with conn.transaction():
+            [result] = await store.publish_in(proxy, [later], timedelta(days=7))  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+        await cleaner.close()
+    assert proxy.deleted == 1  # the interleaving happened
+    assert result.message_id == later.id != first.message_id
+    assert not result.duplicate
+    async with store.pool.acquire() as c:
+        assert await c.fetchval("SELECT message_id FROM sb_idempotency") == later.id
+    assert await table_count(pg_broker, "sb_messages") == 2
