@@ -100,12 +100,17 @@ PASS_START = datetime(1970, 1, 1, tzinfo=UTC)
 #: That plan is the same whatever the parameters, so it is planned once per connection
 #: (``force_generic_plan``): left to choose, PostgreSQL re-planned the lease on every call,
 #: about a quarter of a 50-row lease's time (docs/adr/0014-queue-plans.md).
-LEASE_SETTINGS = {
-    "synchronous_commit": "off",
+#: The planner settings that leave a queue table only its indexes and row ids. The lease
+#: connections keep them; sweeps and nacks take them for one transaction (``_plan_by_keys``).
+KEY_LOOKUPS = {
     "enable_bitmapscan": "off",
     "enable_seqscan": "off",
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
+}
+LEASE_SETTINGS = {
+    "synchronous_commit": "off",
+    **KEY_LOOKUPS,
     "plan_cache_mode": "force_generic_plan",
 }
 
@@ -192,6 +197,11 @@ def _ms(d: timedelta) -> int:
 #: claim rounds in one publish: a claim that conflicts and is gone when read back was an
 #: expired claim the cleanup deleted in between; it is claimed again
 CLAIM_ROUNDS = 3
+
+
+async def _plan_by_keys(conn: Conn) -> None:
+    """``KEY_LOOKUPS`` for the rest of ``conn``'s transaction only."""
+    await conn.execute(Q["plan_by_keys"], list(KEY_LOOKUPS), list(KEY_LOOKUPS.values()))
 
 
 def ordering_lock_key(topic_id: int, ordering_key: str) -> int:
@@ -792,13 +802,13 @@ class PostgresStore:
         events: list[AuditEvent] | None = None,
     ) -> list[BrokerError | None]:
         """Nack in ``conn``'s transaction. nack_apply joins its per-row values to the rows
-        nack_lock locked, by row id: ``plan_by_keys`` first, or on a drained table's one-row
+        nack_lock locked, by row id: ``_plan_by_keys`` first, or on a drained table's one-row
         estimate that join scanned the whole table once per nack (12 s for 1,000 nacks with
         100,000 queued)."""
         results, todo = await self._resolve_refs(conn, refs)
         if not todo:
             return results
-        await conn.execute(Q["plan_by_keys"])
+        await _plan_by_keys(conn)
         locked = await conn.fetch(
             Q["nack_lock"],
             [refs[i].message_id for i, _ in todo],
@@ -892,7 +902,7 @@ class PostgresStore:
     # -- maintenance ---------------------------------------------------------------------------
     async def sweep(self, now: datetime, limit: int) -> SweepResult:
         async with self._tx() as (conn, events):
-            await conn.execute(Q["plan_by_keys"])
+            await _plan_by_keys(conn)
             expired = await conn.fetch(Q["sweep_expired"], now, limit)
             exhausted = await conn.fetch(Q["sweep_exhausted"], now, limit)
             if events is not None:

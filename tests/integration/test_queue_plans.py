@@ -27,7 +27,7 @@ import pytest
 
 from securebroker.core.broker import ExponentialBackoff
 from securebroker.core.model import NackRef
-from securebroker.store.postgres import LEASE_SETTINGS, PostgresStore
+from securebroker.store.postgres import KEY_LOOKUPS, LEASE_SETTINGS, PostgresStore
 from securebroker.store.sql import QUERIES as Q
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -318,7 +318,7 @@ async def test_sweeps_update_by_row_id(db: asyncpg.Connection, query: str, shape
     here all 5,000: that walk is bounded by what there is to check.)"""
     await _stale_statistics(db, leased=True, shape=shape)
     async with db.transaction():
-        await db.execute(Q["plan_by_keys"])
+        await db.execute(Q["plan_by_keys"], list(KEY_LOOKUPS), list(KEY_LOOKUPS.values()))
         rows = await db.fetch("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + Q[query], NOW, 1000)
         plan = "\n".join(r[0] for r in rows)
     # the exhausted sweep walks the leased index by expiry, as it should: bounded by the

@@ -208,11 +208,10 @@ WHERE message_id = $1 AND subscription_id = $2 AND state + 0 = 1 AND lease_token
 RETURNING lease_expires_at;
 
 -- name: plan_by_keys
--- For this transaction only (the sweeps and nacks): the planner settings of the lease
--- connections (postgres.LEASE_SETTINGS), so a queue table is reached by its indexes, never
--- scanned whole.
-SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-       set_config('enable_mergejoin', 'off', true);
+-- For this transaction only (the sweeps and nacks): the planner settings named in $1 with the
+-- values in $2 (postgres.KEY_LOOKUPS, which the lease connections keep), so a queue table is
+-- reached by its indexes and row ids, never scanned whole.
+SELECT count(set_config(name, value, true)) FROM unnest($1::text[], $2::text[]) AS s (name, value);
 
 -- name: sweep_expired
 -- Runs after plan_by_keys. The rows picked are locked by this statement and updated by their
